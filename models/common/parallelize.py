@@ -1,0 +1,66 @@
+"""Apply parallelism to a model built on the meta device, in the order the design asks:
+shard each block with FSDP2, then activation checkpointing, then compile; the caller then
+materialises (``to_empty``) and initialises. Families only say which modules are blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """The few parallelism choices a family's parallelize step needs."""
+
+    backend: str = "fsdp2"  # "fsdp2" | "none"
+    param_dtype: str = "fp32"
+    reduce_dtype: str = "fp32"
+    reshard_after_forward: bool = True
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+
+def _checkpointed(forward):
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+    return run
+
+
+def apply_parallelism(
+    model: nn.Module, blocks: Sequence[nn.Module], plan: ParallelPlan, mesh=None
+) -> nn.Module:
+    """Shard ``blocks`` and the root with FSDP2 (when asked), then checkpoint, then compile.
+
+    Activation checkpointing and compile wrap each block's ``forward`` in place, so
+    parameter names and state-dict keys are the same under every plan.
+    """
+    if plan.backend == "fsdp2":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        policy = MixedPrecisionPolicy(
+            param_dtype=DTYPES[plan.param_dtype], reduce_dtype=DTYPES[plan.reduce_dtype]
+        )
+        for block in blocks:
+            fully_shard(
+                block, mesh=mesh, mp_policy=policy, reshard_after_forward=plan.reshard_after_forward
+            )
+        # The root's parameters are needed again right after forward (output head) -> keep them.
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+    elif plan.backend != "none":
+        raise ValueError(f"unknown parallel backend {plan.backend!r}")
+    if plan.activation_checkpointing:
+        for block in blocks:
+            block.forward = _checkpointed(block.forward)
+    if plan.compile:
+        for block in blocks:
+            block.forward = torch.compile(block.forward)
+    return model

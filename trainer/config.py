@@ -1,0 +1,347 @@
+"""The recipe schema: one dataclass per section, each field with a one-line doc.
+
+``load_config(path, overrides)`` is the only entry point most code needs. Model,
+objective and data sections are tagged unions: their ``name`` picks a family whose
+own dataclass (next to the family's code) lists the remaining keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import yaml
+
+from trainer.configlib import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_yaml_with_bases,
+    option,
+    to_dict,
+)
+
+__all__ = ["Config", "ConfigError", "load_config", "dump_config"]
+
+
+@dataclass(kw_only=True)
+class ModelSection:
+    """Tagged union over model families (filled by trainer.registry)."""
+
+    REGISTRY: ClassVar[dict[str, type]] = {}
+    name: str = option(doc="Model family.")
+
+
+@dataclass(kw_only=True)
+class ObjectiveSection:
+    """Tagged union over training objectives (filled by trainer.registry)."""
+
+    REGISTRY: ClassVar[dict[str, type]] = {}
+    name: str = option(doc="Training objective.")
+
+
+@dataclass(kw_only=True)
+class DataSection:
+    """Tagged union over data sources (filled by trainer.registry)."""
+
+    REGISTRY: ClassVar[dict[str, type]] = {}
+    name: str = option(doc="Data source.")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    output_dir: str = option(
+        doc="Run directory: config.yaml, metrics.jsonl, logs, samples, checkpoints."
+    )
+    seed: int = option(0, "Seed for weights, data order and noise.", ge=0)
+    max_steps: int = option(doc="Optimizer steps to train for.", ge=1)
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    batch_size: int = option(
+        doc="Global batch size: samples per optimizer step over all ranks.", ge=1
+    )
+    micro_batch_size: int | None = option(
+        None,
+        "Samples per forward pass per rank; the rest is gradient accumulation. Default: batch_size / ranks.",
+    )
+    grad_clip: float | None = option(
+        1.0, "Clip the global gradient norm to this value; null disables.", gt=0
+    )
+    max_nonfinite_steps: int = option(
+        5,
+        "Stop after this many consecutive steps with a non-finite loss or gradient (each is skipped).",
+        ge=1,
+    )
+    log_every: int = option(10, "Write a metrics.jsonl record every N steps.", ge=1)
+
+
+@dataclass(kw_only=True)
+class OptimizerConfig:
+    name: Literal["adamw"] = option("adamw", "Optimizer.")
+    lr: float = option(1e-4, "Peak learning rate.", gt=0)
+    betas: tuple[float, float] = option((0.9, 0.999), "AdamW betas.")
+    eps: float = option(1e-8, "AdamW epsilon.", gt=0)
+    weight_decay: float = option(0.0, "Decoupled weight decay.", ge=0)
+    fused: bool | None = option(
+        None, "Use the fused AdamW kernel; null picks it where the device supports it."
+    )
+
+    def check(self, given: set[str]) -> list[tuple[str, str]]:
+        out = []
+        for i, beta in enumerate(self.betas):
+            if not 0.0 <= beta < 1.0:
+                out.append((f"betas[{i}]", f"{beta} is out of range; must be in [0, 1)"))
+        return out
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    name: Literal["constant", "cosine", "linear"] = option(
+        "constant", "Learning-rate decay after warmup."
+    )
+    warmup_steps: int = option(0, "Linear warmup from 0 to the peak LR over this many steps.", ge=0)
+    min_lr_ratio: float = option(
+        0.0, "Final LR as a fraction of the peak (cosine and linear only).", ge=0, le=1
+    )
+
+    def check(self, given: set[str]) -> list[tuple[str, str]]:
+        if self.name == "constant" and "min_lr_ratio" in given:
+            return [("min_lr_ratio", "has no effect when schedule.name is 'constant'")]
+        return []
+
+
+@dataclass(kw_only=True)
+class EMAConfig:
+    enabled: bool = option(
+        False, "Keep an exponential moving average of the weights (sharded like the model)."
+    )
+    decay: float = option(0.999, "EMA decay per update.", ge=0, lt=1)
+    start_step: int = option(
+        0, "Copy the weights into the EMA at this step; average from then on.", ge=0
+    )
+    every: int = option(1, "Update the EMA every N optimizer steps.", ge=1)
+
+    def check(self, given: set[str]) -> list[tuple[str, str]]:
+        if not self.enabled:
+            return [
+                (k, "has no effect when ema.enabled is false")
+                for k in ("decay", "start_step", "every")
+                if k in given
+            ]
+        return []
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    dir: str | None = option(
+        None, "Checkpoint root, a path or fsspec URL (s3://...). Default: <output_dir>/checkpoints."
+    )
+    every: int = option(1000, "Save every N steps (and always at the end and on preemption).", ge=1)
+    keep_last: int = option(
+        3, "Keep this many most recent complete checkpoints; 0 keeps all.", ge=0
+    )
+    async_save: bool = option(
+        False, "Write checkpoints in the background (dcp.async_save) while training continues."
+    )
+    resume: bool = option(True, "Resume from the checkpoint named by 'latest' when there is one.")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    backend: Literal["fsdp2", "none"] = option(
+        "fsdp2", "Sharding engine; 'none' replicates without sharding (1 rank)."
+    )
+    mixed_precision: Literal["fp32", "bf16", "fp16"] = option(
+        "fp32", "Compute dtype of parameters in forward/backward."
+    )
+    reduce_dtype: Literal["fp32", "bf16"] = option(
+        "fp32", "Dtype of gradient reduction across ranks."
+    )
+    reshard_after_forward: bool = option(
+        True,
+        "Free gathered parameters after forward (ZeRO-3 like); false keeps them (ZeRO-2 like).",
+    )
+    activation_checkpointing: bool = option(
+        False, "Recompute each block's activations in backward."
+    )
+    compile: bool = option(False, "torch.compile each block after sharding and checkpointing.")
+
+    def check(self, given: set[str]) -> list[tuple[str, str]]:
+        out = []
+        if self.backend == "none":
+            for key in ("reduce_dtype", "reshard_after_forward"):
+                if key in given:
+                    out.append((key, "has no effect when parallel.backend is 'none'"))
+        if (
+            self.mixed_precision == "fp32"
+            and "reduce_dtype" in given
+            and self.reduce_dtype != "fp32"
+        ):
+            out.append(
+                (
+                    "reduce_dtype",
+                    "lower-precision reduction with fp32 compute has no effect; set mixed_precision too",
+                )
+            )
+        return out
+
+
+@dataclass(kw_only=True)
+class ClusterConfig:
+    launcher: Literal["auto", "local", "torchrun", "slurm", "ray"] = option(
+        "auto",
+        "How ranks are started; 'auto' detects torchrun / SLURM / Ray, else spawns local processes.",
+    )
+    num_workers: int = option(1, "Local processes to spawn when launched locally (ranks).", ge=1)
+    device: Literal["auto", "cpu", "cuda"] = option(
+        "auto", "Device per rank; 'auto' uses CUDA when available."
+    )
+    timeout_s: int = option(
+        1800, "Collective timeout in seconds before a hung rank is reported.", ge=10
+    )
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    progress_bar: bool = option(
+        True, "Show a progress bar on rank 0 (step, loss, throughput, ETA)."
+    )
+    tensorboard: bool = option(
+        False, "Also write TensorBoard events under <output_dir>/tensorboard."
+    )
+    wandb: bool = option(False, "Also log to Weights & Biases.")
+    wandb_project: str = option("genflow", "W&B project name.")
+    wandb_mode: Literal["offline", "online"] = option(
+        "offline", "W&B mode; offline needs no network."
+    )
+    peak_tflops: float | None = option(
+        None, "Device peak TFLOP/s for MFU; null uses the built-in table (known GPUs only).", gt=0
+    )
+
+    def check(self, given: set[str]) -> list[tuple[str, str]]:
+        if not self.wandb:
+            return [
+                (k, "has no effect when logging.wandb is false")
+                for k in ("wandb_project", "wandb_mode")
+                if k in given
+            ]
+        return []
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    every: int = option(
+        0,
+        "Run the objective's evaluation (samples, metrics, pictures) every N steps; 0 disables.",
+        ge=0,
+    )
+    num_samples: int = option(1000, "Samples drawn per evaluation.", ge=1)
+    sample_steps: int = option(32, "Sampler steps per evaluation sample.", ge=1)
+    use_ema: bool = option(True, "Evaluate the EMA weights when an EMA is kept.")
+
+    def check(self, given: set[str]) -> list[tuple[str, str]]:
+        if self.every == 0:
+            return [
+                (k, "has no effect when eval.every is 0")
+                for k in ("num_samples", "sample_steps", "use_ema")
+                if k in given
+            ]
+        return []
+
+
+@dataclass(kw_only=True)
+class Config:
+    run: RunConfig = option(doc="Run identity: output directory, seed, length.")
+    model: ModelSection = option(doc="The network (architecture only).")
+    objective: ObjectiveSection = option(
+        doc="Loss, noise schedule, timestep sampling, evaluation sampler."
+    )
+    data: DataSection = option(doc="Where training samples come from.")
+    train: TrainConfig = option(doc="Batching, clipping, guards, logging cadence.")
+    optimizer: OptimizerConfig = option(factory=OptimizerConfig, doc="Optimizer of the model.")
+    schedule: ScheduleConfig = option(factory=ScheduleConfig, doc="Learning-rate schedule.")
+    ema: EMAConfig = option(factory=EMAConfig, doc="Weight EMA.")
+    checkpoint: CheckpointConfig = option(
+        factory=CheckpointConfig, doc="Checkpoint location, cadence, retention."
+    )
+    parallel: ParallelConfig = option(
+        factory=ParallelConfig, doc="Sharding, precision, checkpointing, compile."
+    )
+    cluster: ClusterConfig = option(factory=ClusterConfig, doc="Launcher and devices.")
+    logging: LoggingConfig = option(factory=LoggingConfig, doc="Progress bar and metric sinks.")
+    eval: EvalConfig = option(factory=EvalConfig, doc="Periodic evaluation and sampling.")
+
+    def check(self, given: set[str]) -> list[tuple[str, str]]:
+        out = []
+        if self.schedule.warmup_steps > self.run.max_steps:
+            out.append(
+                (
+                    "schedule.warmup_steps",
+                    f"{self.schedule.warmup_steps} exceeds run.max_steps ({self.run.max_steps})",
+                )
+            )
+        if self.ema.enabled is False and "eval.use_ema" in given:
+            out.append(("eval.use_ema", "has no effect when ema.enabled is false"))
+        if self.parallel.backend == "none" and self.cluster.num_workers > 1:
+            out.append(
+                (
+                    "cluster.num_workers",
+                    "parallel.backend 'none' runs one rank; use fsdp2 for several",
+                )
+            )
+        mb = self.train.micro_batch_size
+        if mb is not None and self.train.batch_size % mb:
+            out.append(
+                (
+                    "train.micro_batch_size",
+                    f"{mb} does not divide train.batch_size ({self.train.batch_size})",
+                )
+            )
+        return out
+
+
+def _registries() -> None:
+    from trainer import registry  # noqa: F401  (fills the tagged-union registries)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a recipe (with its ``base:`` chain), apply overrides and validate strictly."""
+    _registries()
+    data = load_yaml_with_bases(path)
+    data = apply_overrides(data, overrides)
+    return from_dict(Config, data, source=str(path))
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate an already-merged mapping (used when a resolved config.yaml is re-read)."""
+    _registries()
+    return from_dict(Config, data, source=source)
+
+
+def dump_config(cfg: Config) -> str:
+    """The fully resolved config as YAML text."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def check_world_size(cfg: Config, world_size: int) -> tuple[int, int]:
+    """Micro batch per rank and accumulation steps for this world size; ConfigError if impossible."""
+    batch = cfg.train.batch_size
+    if batch % world_size:
+        raise ConfigError([f"train.batch_size: {batch} is not divisible by the {world_size} ranks"])
+    per_rank = batch // world_size
+    micro = cfg.train.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ConfigError(
+            [
+                f"train.micro_batch_size: {micro} does not divide the per-rank batch {per_rank} ({batch} over {world_size} ranks)"
+            ]
+        )
+    return micro, per_rank // micro
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,116 @@
+"""``python -m trainer.launch RECIPE.yaml [dotted.key=value ...] [--fresh]``
+
+Parse the recipe, work out where we run (torchrun / SLURM / local), start the ranks,
+train, close. Locally with ``cluster.num_workers: N > 1`` this process becomes a small
+supervisor that starts N copies of itself as ranks, forwards signals to them, and
+stops them all if one fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from trainer.configlib import ConfigError
+from trainer.signals import EXIT_CONFIG_ERROR, EXIT_FAILED
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.launch", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("recipe", help="path to a recipe YAML file")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides of recipe fields")
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="ignore and delete existing checkpoints; start from step 0",
+    )
+    return parser.parse_args(argv)
+
+
+def supervise_local(num_workers: int, argv: list[str]) -> int:
+    """Start ``num_workers`` ranks of this same command on this machine and wait for them."""
+    from cluster.env import free_port
+
+    port = free_port()
+    procs = []
+    for rank in range(num_workers):
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            WORLD_SIZE=str(num_workers),
+            LOCAL_RANK=str(rank),
+            LOCAL_WORLD_SIZE=str(num_workers),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            GENFLOW_LOCAL_SUPERVISOR="1",
+        )
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_workers)))
+        procs.append(subprocess.Popen([sys.executable, "-m", "trainer.launch", *argv], env=env))
+
+    def forward(signum, frame):
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, forward)
+    exit_code = 0
+    while True:
+        codes = [proc.poll() for proc in procs]
+        failed = [c for c in codes if c not in (None, 0)]
+        if failed and exit_code == 0:
+            exit_code = failed[0]
+            # one rank died: give the others a moment to exit on their own, then stop them
+            deadline = time.time() + 30
+            while time.time() < deadline and any(p.poll() is None for p in procs):
+                time.sleep(0.2)
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+        if all(c is not None for c in (proc.poll() for proc in procs)):
+            break
+        time.sleep(0.2)
+    return exit_code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    try:
+        from trainer.config import load_config
+
+        cfg = load_config(args.recipe, args.overrides)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+    from cluster.env import detect
+
+    env = detect(cfg.cluster.launcher)
+    if (
+        env.kind == "single"
+        and cfg.cluster.num_workers > 1
+        and cfg.cluster.launcher in ("auto", "local")
+    ):
+        return supervise_local(cfg.cluster.num_workers, argv)
+
+    from trainer.loop import TrainingDiverged, train
+
+    try:
+        return train(cfg, env, fresh=args.fresh)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except TrainingDiverged as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

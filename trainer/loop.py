@@ -1,0 +1,527 @@
+"""The one training loop every family runs through.
+
+``train(cfg, env, fresh)`` is called once per rank. It builds the model on the meta
+device, lets the family parallelize it, materialises and initialises it, restores the
+latest checkpoint when there is one, and trains until ``run.max_steps`` or a
+preemption signal. It returns a process exit code (see trainer.signals).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from cluster.env import DistEnv
+from models.common.parallelize import ParallelPlan
+from trainer import distributed as D
+from trainer.checkpoint import CheckpointManager
+from trainer.config import Config, OptimizerConfig, check_world_size, dump_config
+from trainer.ema import EMA
+from trainer.metrics import MetricsLogger, device_peak_tflops, truncate_jsonl
+from trainer.objectives.base import EvalContext, Objective
+from trainer.registry import DATA, MODELS, OBJECTIVES
+from trainer.signals import EXIT_OK, EXIT_PREEMPTED, PreemptionGuard
+
+log = logging.getLogger("trainer")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite steps."""
+
+
+@dataclass
+class Counters:
+    step: int = 0
+    samples: int = 0
+    nonfinite_in_row: int = 0
+    skipped_steps: int = 0
+
+
+def lr_lambda(schedule, max_steps: int):
+    """Multiplier of the peak LR at a given step: linear warmup, then the decay shape."""
+
+    def factor(step: int) -> float:
+        if schedule.warmup_steps and step < schedule.warmup_steps:
+            return (step + 1) / schedule.warmup_steps
+        if schedule.name == "constant":
+            return 1.0
+        span = max(1, max_steps - schedule.warmup_steps)
+        progress = min(1.0, (step - schedule.warmup_steps) / span)
+        floor = schedule.min_lr_ratio
+        if schedule.name == "cosine":
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        return floor + (1 - floor) * (1 - progress)
+
+    return factor
+
+
+def make_optimizer(params, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
+    fused = cfg.fused if cfg.fused is not None else device.type in ("cuda", "cpu")
+    return torch.optim.AdamW(
+        [p for p in params if p.requires_grad],
+        lr=cfg.lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        fused=fused,
+    )
+
+
+def setup_logging(output_dir: Path, rank: int) -> None:
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        if getattr(handler, "_genflow", False):
+            root.removeHandler(handler)
+    logs = output_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(logs / f"rank_{rank:05d}.log")
+    file_handler.setFormatter(fmt)
+    file_handler._genflow = True
+    root.addHandler(file_handler)
+    if rank == 0:
+        train_log = logging.FileHandler(output_dir / "train.log")
+        train_log.setFormatter(fmt)
+        train_log._genflow = True
+        root.addHandler(train_log)
+        console = logging.StreamHandler()
+        console.setLevel(logging.WARNING)
+        console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        console._genflow = True
+        root.addHandler(console)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Trainer:
+    """State and steps of one rank's training run."""
+
+    def __init__(self, cfg: Config, env: DistEnv, *, fresh: bool = False):
+        self.cfg = cfg
+        self.env = env
+        self.device = D.pick_device(cfg.cluster.device, env.local_rank)
+        D.init_distributed(env, self.device, cfg.cluster.timeout_s)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.micro_batch, self.accum_steps = check_world_size(cfg, self.world_size)
+        self.output_dir = Path(cfg.run.output_dir)
+        if self.rank == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        setup_logging(self.output_dir, self.rank)
+
+        ckpt_root = cfg.checkpoint.dir or str(self.output_dir / "checkpoints")
+        self.ckpt = CheckpointManager(
+            ckpt_root,
+            rank=self.rank,
+            world_size=self.world_size,
+            keep_last=cfg.checkpoint.keep_last,
+            async_save=cfg.checkpoint.async_save,
+        )
+        if fresh and self.rank == 0:
+            log.warning("--fresh: removing checkpoints under %s and old metrics", ckpt_root)
+            self.ckpt.store.wipe()
+            (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
+        dist.barrier()
+        if self.rank == 0:
+            tmp = self.output_dir / "config.yaml.tmp"
+            tmp.write_text(dump_config(cfg))
+            tmp.replace(self.output_dir / "config.yaml")
+
+        torch.manual_seed(cfg.run.seed * 7919 + self.rank)
+        np.random.seed((cfg.run.seed * 7919 + self.rank) % 2**32)
+        random.seed(cfg.run.seed * 7919 + self.rank)
+
+        self.mesh = None
+        if cfg.parallel.backend == "fsdp2":
+            from torch.distributed.device_mesh import init_device_mesh
+
+            self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self.model = self._build_model()
+        self.objective: Objective = OBJECTIVES[cfg.objective.name].build(
+            cfg.objective, seed=cfg.run.seed, rank=self.rank, device=self.device
+        )
+        self.modules: dict[str, nn.Module] = {"model": self.model}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {
+            "model": make_optimizer(self.model.parameters(), cfg.optimizer, self.device)
+        }
+        for name, extra in self.objective.extra_modules().items():
+            self._add_extra_module(name, extra)
+        factor = lr_lambda(cfg.schedule, cfg.run.max_steps)
+        self.schedulers = {
+            name: torch.optim.lr_scheduler.LambdaLR(opt, factor)
+            for name, opt in self.optimizers.items()
+        }
+        self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.enabled else None
+        self.data = DATA[cfg.data.name].build(
+            cfg.data,
+            seed=cfg.run.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+            micro_batch=self.micro_batch,
+            accum_steps=self.accum_steps,
+        )
+        self.counters = Counters()
+        self.flops_per_sample = getattr(self.model, "flops_per_sample", lambda: None)()
+        device_name = (
+            torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        )
+        self.peak_tflops = device_peak_tflops(device_name, cfg.logging.peak_tflops)
+
+    # ------------------------------------------------------------------------- build
+    def _plan(self) -> ParallelPlan:
+        p = self.cfg.parallel
+        return ParallelPlan(
+            backend=p.backend,
+            param_dtype=p.mixed_precision,
+            reduce_dtype=p.reduce_dtype,
+            reshard_after_forward=p.reshard_after_forward,
+            activation_checkpointing=p.activation_checkpointing,
+            compile=p.compile,
+        )
+
+    def _build_model(self) -> nn.Module:
+        family = MODELS[self.cfg.model.name]
+        with torch.device("meta"):
+            model = family.build(self.cfg.model)
+        model = family.parallelize(model, self._plan(), self.mesh)
+        model.to_empty(device=self.device)
+        model.init_weights(self.cfg.run.seed)
+        if self.cfg.parallel.backend == "none" and self.cfg.parallel.mixed_precision != "fp32":
+            log.info("parallel.backend 'none': mixed precision through autocast")
+        return model
+
+    def _add_extra_module(self, name: str, extra) -> None:
+        module = extra.module.to(self.device)
+        if extra.trainable:
+            if self.cfg.parallel.backend == "fsdp2":
+                from torch.distributed.fsdp import fully_shard
+
+                fully_shard(module, mesh=self.mesh)
+            opt_cfg = OptimizerConfig(**{**self.cfg.optimizer.__dict__, **extra.optimizer})
+            self.optimizers[name] = make_optimizer(module.parameters(), opt_cfg, self.device)
+        else:
+            module.requires_grad_(False).eval()
+        self.modules[name] = module
+
+    # -------------------------------------------------------------------- checkpoints
+    def dcp_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        state: dict[str, Any] = {"model": get_model_state_dict(self.model), "optim": {}}
+        for name, opt in self.optimizers.items():
+            state["optim"][name] = get_optimizer_state_dict(self.modules[name], opt)
+        for name, module in self.modules.items():
+            if name != "model" and name in self.optimizers:
+                state[f"module_{name}"] = get_model_state_dict(module)
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def _apply_dcp_state(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        set_model_state_dict(self.model, state["model"])
+        for name, opt in self.optimizers.items():
+            if name != "model":
+                set_model_state_dict(self.modules[name], state[f"module_{name}"])
+            set_optimizer_state_dict(self.modules[name], opt, state["optim"][name])
+
+    def trainer_state(self) -> dict[str, Any]:
+        return {
+            "counters": self.counters.__dict__.copy(),
+            "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()},
+            "world_size": self.world_size,
+        }
+
+    def rank_state(self) -> dict[str, Any]:
+        return {
+            "rng": _rng_state(),
+            "data": self.data.state_dict(),
+            "objective": self.objective.state_dict(),
+        }
+
+    def save(self, *, blocking: bool | None = None) -> float:
+        return self.ckpt.save(
+            self.counters.step,
+            self.dcp_state(),
+            self.trainer_state(),
+            self.rank_state(),
+            blocking=blocking,
+        )
+
+    def maybe_resume(self) -> bool:
+        self.ckpt.clean_incomplete()
+        if not self.cfg.checkpoint.resume:
+            return False
+        state = self.dcp_state()
+        loaded = self.ckpt.load_latest(state)
+        if loaded is None:
+            return False
+        self._apply_dcp_state(state)
+        self.counters = Counters(**loaded.trainer_state["counters"])
+        for name, sched in self.schedulers.items():
+            sched.load_state_dict(loaded.trainer_state["schedulers"][name])
+        self.data.load_state_dict([s["data"] for s in loaded.all_rank_states])
+        if loaded.rank_state is not None and loaded.saved_world_size == self.world_size:
+            _set_rng_state(loaded.rank_state["rng"])
+            self.objective.load_state_dict(loaded.rank_state["objective"])
+        else:
+            # New world size: per-rank random streams cannot be carried over one to one;
+            # reseed them from (seed, rank, step) so the run stays reproducible.
+            seed = self.cfg.run.seed * 7919 + self.rank + 104729 * loaded.step
+            torch.manual_seed(seed)
+            np.random.seed(seed % 2**32)
+            random.seed(seed)
+            if loaded.rank_state is not None:
+                self.objective.load_state_dict(loaded.rank_state["objective"])
+        if self.rank == 0:
+            dropped = truncate_jsonl(self.output_dir / "metrics.jsonl", loaded.step)
+            log.warning(
+                "resumed from step %d (saved on %d ranks, now %d)%s",
+                loaded.step,
+                loaded.saved_world_size,
+                self.world_size,
+                f"; dropped {dropped} metric records past it" if dropped else "",
+            )
+        return True
+
+    # -------------------------------------------------------------------------- steps
+    def _autocast(self):
+        p = self.cfg.parallel
+        if p.backend == "none" and p.mixed_precision != "fp32":
+            from models.common.parallelize import DTYPES
+
+            return torch.autocast(self.device.type, dtype=DTYPES[p.mixed_precision])
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step of every phase due now; returns logs (averaged over ranks)."""
+        step = self.counters.step
+        wait = 0.0
+        batches = []
+        for _ in range(self.accum_steps):
+            t0 = time.perf_counter()
+            batches.append(self.data.next_batch())
+            wait += time.perf_counter() - t0
+        logs: dict[str, float] = {"data_wait_s": wait}
+        all_finite = True
+        for phase in self.objective.phases():
+            if step % phase.every:
+                continue
+            module = self.modules[phase.module]
+            opt = self.optimizers[phase.module]
+            opt.zero_grad(set_to_none=True)
+            loss_sum = torch.zeros((), device=self.device)
+            extra_sums: dict[str, float] = {}
+            for index, batch in enumerate(batches):
+                if hasattr(module, "set_requires_gradient_sync"):
+                    module.set_requires_gradient_sync(index == len(batches) - 1)
+                with self._autocast():
+                    loss, extra = self.objective.loss(phase.name, self.modules, batch, step)
+                (loss / len(batches)).backward()
+                loss_sum += loss.detach().float()
+                for key, value in extra.items():
+                    extra_sums[key] = extra_sums.get(key, 0.0) + float(value) / len(batches)
+            clip = (
+                self.cfg.train.grad_clip if self.cfg.train.grad_clip is not None else float("inf")
+            )
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for p in module.parameters() if p.grad is not None], clip
+            )
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            loss_mean = D.all_mean(loss_sum / len(batches))
+            finite = bool(torch.isfinite(loss_mean)) and bool(torch.isfinite(grad_norm))
+            if finite:
+                opt.step()
+            else:
+                opt.zero_grad(set_to_none=True)
+                all_finite = False
+            self.schedulers[phase.module].step()
+            prefix = "" if phase.module == "model" else f"{phase.name}/"
+            logs[f"{prefix}loss"] = float(loss_mean)
+            logs[f"{prefix}grad_norm"] = float(grad_norm)
+            logs[f"{prefix}lr"] = self.schedulers[phase.module].get_last_lr()[0]
+            for key, value in extra_sums.items():
+                logs[f"{prefix}{key}"] = float(D.all_mean(torch.tensor(value)))
+        if all_finite:
+            self.counters.nonfinite_in_row = 0
+            if self.ema is not None:
+                if step + 1 <= self.cfg.ema.start_step:
+                    self.ema.copy_from_model()  # track the weights until averaging starts
+                elif (step + 1) % self.cfg.ema.every == 0:
+                    self.ema.update()
+        else:
+            self.counters.nonfinite_in_row += 1
+            self.counters.skipped_steps += 1
+            log.warning(
+                "step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                step + 1,
+                self.counters.nonfinite_in_row,
+            )
+            if self.counters.nonfinite_in_row >= self.cfg.train.max_nonfinite_steps:
+                raise TrainingDiverged(
+                    f"stopping at step {step + 1}: {self.counters.nonfinite_in_row} consecutive steps had a non-finite "
+                    f"loss or gradient (train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); "
+                    "lower optimizer.lr, enable train.grad_clip, or check the data"
+                )
+        self.counters.step += 1
+        self.counters.samples += self.cfg.train.batch_size
+        return logs
+
+    def evaluate(self) -> dict[str, float]:
+        if self.ema is not None and self.cfg.eval.use_ema:
+            ctx_manager = self.ema.swapped_in()
+        else:
+            import contextlib
+
+            ctx_manager = contextlib.nullcontext()
+        was_training = self.model.training
+        self.model.eval()
+        with ctx_manager, torch.no_grad():
+            result = self.objective.evaluate(
+                EvalContext(
+                    modules=self.modules,
+                    data=self.data,
+                    out_dir=self.output_dir / "samples",
+                    step=self.counters.step,
+                    num_samples=self.cfg.eval.num_samples,
+                    sample_steps=self.cfg.eval.sample_steps,
+                    device=self.device,
+                    rank=self.rank,
+                    world_size=self.world_size,
+                )
+            )
+        self.model.train(was_training)
+        return result
+
+    # --------------------------------------------------------------------------- run
+    def run(self) -> int:
+        cfg = self.cfg
+        resumed = self.maybe_resume()
+        start_step = self.counters.step
+        if self.rank == 0:
+            n_params = sum(p.numel() for p in self.model.parameters())
+            log.warning(
+                "%s: %s (%.2fM params) on %d rank(s) [%s], %s, steps %d -> %d",
+                "resuming" if resumed else "starting",
+                cfg.model.name,
+                n_params / 1e6,
+                self.world_size,
+                self.device.type,
+                cfg.parallel.backend,
+                start_step,
+                cfg.run.max_steps,
+            )
+        metrics = MetricsLogger(
+            self.output_dir,
+            enabled=self.rank == 0,
+            total_steps=cfg.run.max_steps,
+            start_step=start_step,
+            cfg_logging=cfg.logging,
+            run_config={},
+        )
+        guard = PreemptionGuard().install()
+        window_time = window_wait = 0.0
+        window_steps = 0
+        last_ckpt_step = start_step if resumed else -1
+        try:
+            while self.counters.step < cfg.run.max_steps:
+                t0 = time.perf_counter()
+                logs = self.train_step()
+                self.ckpt.poll()
+                step = self.counters.step
+                window_time += time.perf_counter() - t0
+                window_wait += logs.pop("data_wait_s")
+                window_steps += 1
+                samples_per_s = cfg.train.batch_size * window_steps / max(window_time, 1e-9)
+                metrics.progress(step, logs.get("loss"), samples_per_s)
+                if step % cfg.train.log_every == 0 or step == cfg.run.max_steps:
+                    record = {
+                        "step": step,
+                        **logs,
+                        "samples_per_s": samples_per_s,
+                        "data_wait_frac": window_wait / max(window_time, 1e-9),
+                        "samples": self.counters.samples,
+                        "skipped_steps": self.counters.skipped_steps,
+                    }
+                    if self.flops_per_sample and self.peak_tflops:
+                        achieved = self.flops_per_sample * samples_per_s / self.world_size
+                        record["mfu"] = achieved / (self.peak_tflops * 1e12)
+                    metrics.log(record)
+                    window_time = window_wait = 0.0
+                    window_steps = 0
+                if cfg.eval.every and step % cfg.eval.every == 0:
+                    eval_logs = self.evaluate()
+                    if eval_logs:
+                        metrics.log({"step": step, **eval_logs})
+                stop = D.any_rank(guard.requested is not None, self.device)
+                if stop or step % cfg.checkpoint.every == 0:
+                    blocked = self.save(blocking=True if stop else None)
+                    last_ckpt_step = step
+                    log.info("step %d: checkpoint took %.2fs of training time", step, blocked)
+                if stop:
+                    self.ckpt.wait()
+                    if self.rank == 0:
+                        log.warning(
+                            "stopped at step %d on %s; checkpoint saved, rerun the same command to resume",
+                            step,
+                            guard.requested or "a signal on another rank",
+                        )
+                    return EXIT_PREEMPTED
+            if last_ckpt_step != self.counters.step:
+                self.save(blocking=True)
+            self.ckpt.wait()
+            if cfg.eval.every and self.counters.step % cfg.eval.every != 0:
+                eval_logs = self.evaluate()
+                if eval_logs:
+                    metrics.log({"step": self.counters.step, **eval_logs})
+            return EXIT_OK
+        finally:
+            guard.uninstall()
+            metrics.close()
+
+
+def train(cfg: Config, env: DistEnv, *, fresh: bool = False) -> int:
+    trainer = Trainer(cfg, env, fresh=fresh)
+    try:
+        return trainer.run()
+    finally:
+        D.close()

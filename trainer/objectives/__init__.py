@@ -1,0 +1,1 @@
+"""Training objectives: each turns (modules, batch) into a loss and logs, outside the network."""

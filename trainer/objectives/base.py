@@ -1,0 +1,77 @@
+"""What the training loop needs from an objective.
+
+The loop owns optimisation; the objective owns the maths. An objective may declare
+*phases*: each phase updates one trainable module group with its own optimizer, every
+``every`` steps (e.g. a GAN discriminator, DMD2's fake-score network). It may also own
+frozen companion modules (text encoders, teachers, a DPO reference, a REPA target).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One optimisation phase: which trainable module it updates and how often."""
+
+    name: str
+    module: str = "model"
+    every: int = 1
+
+
+@dataclass
+class ExtraModule:
+    """A module the objective brings besides the model.
+
+    Trainable ones get their own AdamW (``lr`` etc. from ``optimizer``) and are sharded
+    like the model; frozen ones are moved to the device and never receive gradients.
+    """
+
+    module: nn.Module
+    trainable: bool
+    optimizer: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EvalContext:
+    """What an evaluation may use: the (EMA) modules, the data source, where to write."""
+
+    modules: dict[str, nn.Module]
+    data: Any
+    out_dir: Path | None
+    step: int
+    num_samples: int
+    sample_steps: int
+    device: torch.device
+    rank: int
+    world_size: int
+
+
+class Objective:
+    """Base class: single phase on the model, no extra modules, no evaluation."""
+
+    def phases(self) -> list[Phase]:
+        return [Phase("model")]
+
+    def extra_modules(self) -> dict[str, ExtraModule]:
+        return {}
+
+    def loss(
+        self, phase: str, modules: dict[str, nn.Module], batch: dict[str, Any], step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""Samplers: plain functions over (model, noise, schedule, guidance)."""

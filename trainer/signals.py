@@ -1,0 +1,43 @@
+"""Preemption handling: SIGTERM / SIGUSR1 ask for a checkpoint and a clean exit at the
+next step boundary; the first SIGINT does the same, a second one aborts at once."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG_ERROR = 2
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved; run the same command again to resume
+
+
+class PreemptionGuard:
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self._interrupts = 0
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> PreemptionGuard:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a Ray worker actor)
+                pass
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            self._interrupts += 1
+            if self._interrupts >= 2:
+                raise KeyboardInterrupt
+        log.warning("received %s: will checkpoint and stop at the next step boundary", name)
+        self.requested = self.requested or name
