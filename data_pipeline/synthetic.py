@@ -110,12 +110,14 @@ class GaussianMixtureSource:
         per_rank = self.micro_batch * self.accum_steps
         start = self.rank * per_rank + self.micro_index * self.micro_batch
         batch = torch.from_numpy(self._current[start : start + self.micro_batch].copy())
+        first = self.batches_done * self.global_batch + start
+        index = torch.arange(first, first + self.micro_batch, dtype=torch.int64)
         self.micro_index += 1
         if self.micro_index == self.accum_steps:
             self.micro_index = 0
             self.batches_done += 1
             self._current = None
-        return {"x": batch}
+        return {"x": batch, "index": index}
 
     def state_dict(self) -> dict[str, Any]:
         return {"batches_done": self.batches_done, "micro_index": self.micro_index}

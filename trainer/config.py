@@ -14,14 +14,8 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from trainer.configlib import (
-    ConfigError,
-    apply_overrides,
-    from_dict,
-    load_yaml_with_bases,
-    option,
-    to_dict,
-)
+from trainer.configlib import ConfigError, apply_overrides, from_dict, load_layers, option, to_dict
+from trainer.configlib import _deep_merge as _merge
 
 __all__ = ["Config", "ConfigError", "load_config", "dump_config"]
 
@@ -311,15 +305,21 @@ def _registries() -> None:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a recipe (with its ``base:`` chain), apply overrides and validate strictly."""
     _registries()
-    data = load_yaml_with_bases(path)
-    data = apply_overrides(data, overrides)
-    return from_dict(Config, data, source=str(path))
+    layers = load_layers(path)
+    data: dict = {}
+    for layer in layers:
+        data = _merge(data, layer)
+    cli = apply_overrides({}, overrides)
+    data = _merge(data, cli)
+    return from_dict(Config, data, source=str(path), layers=[*layers, cli])
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
     """Validate an already-merged mapping (used when a resolved config.yaml is re-read)."""
     _registries()
-    return from_dict(Config, data, source=source)
+    # A dumped config lists every field; none of them counts as deliberately written,
+    # so only type, range and cross-field checks apply.
+    return from_dict(Config, data, source=source, layers=[{}])
 
 
 def dump_config(cfg: Config) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -78,8 +79,16 @@ def _deep_merge(base: dict, child: Mapping) -> dict:
     return out
 
 
-def load_yaml_with_bases(path: str | Path, _seen: tuple[str, ...] = ()) -> dict:
+def load_yaml_with_bases(path: str | Path) -> dict:
     """Read a recipe file and merge in its ``base:`` chain (paths relative to the file)."""
+    merged: dict = {}
+    for layer in load_layers(path):
+        merged = _deep_merge(merged, layer)
+    return merged
+
+
+def load_layers(path: str | Path, _seen: tuple[str, ...] = ()) -> list[dict]:
+    """The recipe and its ``base:`` chain as separate mappings, most basic first."""
     path = Path(path)
     resolved = str(path.resolve())
     if resolved in _seen:
@@ -96,11 +105,40 @@ def load_yaml_with_bases(path: str | Path, _seen: tuple[str, ...] = ()) -> dict:
     data = dict(data)
     base = data.pop("base", None)
     if base is None:
-        return data
+        return [data]
     if not isinstance(base, str):
         raise ConfigError(["base: expected a path to another recipe file"], str(path))
-    parent = load_yaml_with_bases(path.parent / base, (*_seen, resolved))
-    return _deep_merge(parent, data)
+    return [*load_layers(path.parent / base, (*_seen, resolved)), data]
+
+
+def _lookup(mapping: Mapping, path: str) -> Mapping | None:
+    node: Any = mapping
+    for part in path.split(".") if path else []:
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node if isinstance(node, Mapping) else None
+
+
+def layered_given(layers: list[Mapping]) -> Any:
+    """Which keys count as written by the user, per section, for "has no effect" checks.
+
+    The last layer (base recipe, child recipe, command line) that writes into a section
+    decides: overriding ``eval.every=0`` on the command line silences the recipe's other
+    eval keys instead of turning them into errors, while a key written in the same layer
+    as the option that disables it is still reported.
+    """
+
+    def given(path: str) -> set[str]:
+        if not path:
+            return set().union(*(_given_keys(layer) for layer in layers))
+        for layer in reversed(layers):
+            section = _lookup(layer, path)
+            if section:
+                return _given_keys(section)
+        return set()
+
+    return given
 
 
 def _parse_scalar(text: str) -> Any:
@@ -169,8 +207,9 @@ def _suggest(key: str, valid: typing.Iterable[str]) -> str:
 
 
 class _Converter:
-    def __init__(self) -> None:
+    def __init__(self, given=None) -> None:
         self.problems: list[str] = []
+        self.given = given
 
     def fail(self, path: str, message: str) -> None:
         self.problems.append(f"{path or '<root>'}: {message}")
@@ -233,18 +272,25 @@ class _Converter:
             self.fail(path, f"expected an integer, got {value!r}")
             return None
         if tp is float:
+            number = None
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return float(value)
-            if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+                number = float(value)
+            elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
                 try:
-                    return float(value)
+                    number = float(value)
                 except ValueError:
                     pass
-            self.fail(path, f"expected a number, got {value!r}")
-            return None
+            if number is None:
+                self.fail(path, f"expected a number, got {value!r}")
+            elif not math.isfinite(number):
+                self.fail(path, f"expected a finite number, got {value!r}")
+                number = None
+            return number
         if tp is str:
             if isinstance(value, str):
                 return value
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)  # e.g. a project name "123" typed on the command line
             self.fail(path, f"expected a string, got {value!r}")
             return None
         raise TypeError(f"unsupported schema type {tp!r} at {path}")  # schema bug, not user's
@@ -274,30 +320,46 @@ class _Converter:
             if key not in fields:
                 self.fail(_join(path, str(key)), f"unknown key{_suggest(str(key), fields)}")
         kwargs = {}
+        failed_sections: set[str] = set()  # nested dataclass fields with problems
+        own_failed = False  # a scalar field of this dataclass has a problem
         for name, fld in fields.items():
             sub = _join(path, name)
+            is_section = dataclasses.is_dataclass(hints[name])
+            n_problems = len(self.problems)
             if name in value:
                 converted = self.convert(value[name], hints[name], sub)
-                if converted is None and value[name] is not None:
-                    continue  # already reported
-                self.check_bounds(converted, fld, sub)
-                kwargs[name] = converted
+                if len(self.problems) == n_problems:
+                    self.check_bounds(converted, fld, sub)
+                if len(self.problems) == n_problems:
+                    kwargs[name] = converted
             elif fld.default is MISSING and fld.default_factory is MISSING:
-                if dataclasses.is_dataclass(hints[name]):
-                    kwargs[name] = self.convert_dataclass({}, hints[name], sub)
+                if is_section:
+                    converted = self.convert_dataclass({}, hints[name], sub)
+                    if len(self.problems) == n_problems:
+                        kwargs[name] = converted
                 else:
                     doc = fld.metadata.get("doc", "")
                     self.fail(sub, "missing required value" + (f" ({doc})" if doc else ""))
+            if len(self.problems) > n_problems:
+                if is_section:
+                    failed_sections.add(name)
+                    if fld.default_factory is not MISSING:  # stand-in so sibling checks can run
+                        kwargs[name] = fld.default_factory()
+                else:
+                    own_failed = True
         try:
             obj = cls(**kwargs)
         except TypeError:
-            return None  # missing fields already reported
+            return None  # a required value is missing or wrong: already reported
         check = getattr(obj, "check", None)
-        if check is not None:
-            given = _given_keys(value)
+        # Checks of a dataclass whose own values are wrong would reason about defaults
+        # standing in for them and report misleading follow-on problems: skip those.
+        if check is not None and not own_failed:
+            given = self.given(path) if self.given is not None else _given_keys(value)
             for key, message in check(given):
-                self.fail(_join(path, key), message)
-        return obj
+                if key.split(".")[0].split("[")[0] not in failed_sections:
+                    self.fail(_join(path, key), message)
+        return None if (own_failed or failed_sections) else obj
 
     def check_bounds(self, value: Any, fld: dataclasses.Field, path: str) -> None:
         meta = fld.metadata
@@ -328,9 +390,14 @@ def _given_keys(mapping: Mapping, prefix: str = "") -> set[str]:
     return keys
 
 
-def from_dict(cls: type, data: Mapping, source: str | None = None) -> Any:
-    """Convert a mapping into ``cls``; raise one ConfigError listing every problem."""
-    converter = _Converter()
+def from_dict(
+    cls: type, data: Mapping, source: str | None = None, layers: list[Mapping] | None = None
+) -> Any:
+    """Convert a mapping into ``cls``; raise one ConfigError listing every problem.
+
+    ``layers`` (base first, command line last) refine which keys count as user-written.
+    """
+    converter = _Converter(layered_given(layers) if layers else None)
     obj = converter.convert_dataclass(data, cls, "")
     if converter.problems:
         raise ConfigError(converter.problems, source)

@@ -40,10 +40,16 @@ class RectifiedFlowConfig:
         return []
 
 
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """A per-(step, sample) seed; distinct streams for distinct arguments."""
+    return (seed * 0x9E3779B1 + step * 0x85EBCA77 + index * 0xC2B2AE3D) % (2**63 - 1)
+
+
 class RectifiedFlow(Objective):
     def __init__(self, cfg: RectifiedFlowConfig, *, seed: int, rank: int, device: torch.device):
         self.cfg = cfg
         self.device = device
+        self.seed = seed
         # Noise and times come from a per-rank generator whose state is checkpointed, so
         # a resumed run draws exactly what an uninterrupted one would have.
         self.generator = torch.Generator(device="cpu").manual_seed(seed * 1000 + 17 + rank)
@@ -60,10 +66,31 @@ class RectifiedFlow(Objective):
         s = self.cfg.shift
         return s * t / (1 + (s - 1) * t)
 
+    def draw_noise(
+        self, x0: torch.Tensor, batch: dict[str, Any], step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Noise eps (like x0) and times t (B,).
+
+        With global sample indices in the batch, each sample's draw depends only on
+        (seed, step, index): training is then the same function of the data whatever
+        the number of ranks, also across a resume on a different number of ranks.
+        """
+        if "index" not in batch:
+            return torch.randn(x0.shape, generator=self.generator), self.sample_t(x0.shape[0])
+        eps, times = [], []
+        saved = self.generator.get_state()
+        for index in batch["index"].tolist():
+            self.generator.manual_seed(sample_seed(self.seed, step, index))
+            times.append(self.sample_t(1))
+            eps.append(torch.randn(x0.shape[1:], generator=self.generator))
+        self.generator.set_state(saved)
+        return torch.stack(eps), torch.cat(times)
+
     def loss(self, phase: str, modules: dict[str, nn.Module], batch: dict[str, Any], step: int):
         x0 = batch["x"].to(self.device)
-        eps = torch.randn(x0.shape, generator=self.generator).to(self.device, x0.dtype)
-        t_B = self.sample_t(x0.shape[0]).to(self.device)
+        eps, t_B = self.draw_noise(x0, batch, step)
+        eps = eps.to(self.device, x0.dtype)
+        t_B = t_B.to(self.device)
         t = t_B.view(-1, *([1] * (x0.dim() - 1)))
         x_t = (1 - t) * x0 + t * eps
         pred = modules["model"](x_t, t_B)

@@ -1,0 +1,59 @@
+"""Shared fixtures: run the launcher as a real subprocess and read what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def launch_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def launch_cmd(recipe: str | Path, *overrides: str, fresh: bool = False) -> list[str]:
+    cmd = [sys.executable, "-m", "trainer.launch", str(recipe), *overrides]
+    return [*cmd, "--fresh"] if fresh else cmd
+
+
+def run_launch(
+    recipe, *overrides, fresh=False, timeout=300, check=True
+) -> subprocess.CompletedProcess:
+    """Run ``python -m trainer.launch`` to completion; raise with its output on failure."""
+    proc = subprocess.run(
+        launch_cmd(recipe, *overrides, fresh=fresh),
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"launch failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+@pytest.fixture
+def tiny_recipe() -> Path:
+    return REPO / "recipes" / "tiny" / "flow2d.yaml"
