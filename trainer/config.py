@@ -305,13 +305,30 @@ def _registries() -> None:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a recipe (with its ``base:`` chain), apply overrides and validate strictly."""
     _registries()
-    layers = load_layers(path)
+    layers = [*load_layers(path), apply_overrides({}, overrides)]
     data: dict = {}
     for layer in layers:
-        data = _merge(data, layer)
-    cli = apply_overrides({}, overrides)
-    data = _merge(data, cli)
-    return from_dict(Config, data, source=str(path), layers=[*layers, cli])
+        data = merge_layer(data, layer)
+    return from_dict(Config, data, source=str(path), layers=layers)
+
+
+UNION_SECTIONS = ("model", "objective", "data")
+
+
+def merge_layer(base: dict, layer: dict) -> dict:
+    """Deep-merge a recipe layer, except that naming another family in a tagged-union
+    section (``objective.name=...``) replaces that section instead of mixing two families' keys."""
+    base = dict(base)
+    for section in UNION_SECTIONS:
+        old, new = base.get(section), layer.get(section)
+        if (
+            isinstance(old, dict)
+            and isinstance(new, dict)
+            and "name" in new
+            and new["name"] != old.get("name")
+        ):
+            base.pop(section)
+    return _merge(base, layer)
 
 
 def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:

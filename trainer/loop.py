@@ -374,13 +374,15 @@ class Trainer:
             else:
                 opt.zero_grad(set_to_none=True)
                 all_finite = False
-            self.schedulers[phase.module].step()
             prefix = "" if phase.module == "model" else f"{phase.name}/"
             logs[f"{prefix}loss"] = float(loss_mean)
             logs[f"{prefix}grad_norm"] = float(grad_norm)
-            logs[f"{prefix}lr"] = self.schedulers[phase.module].get_last_lr()[0]
+            logs[f"{prefix}lr"] = opt.param_groups[0]["lr"]
             for key, value in extra_sums.items():
                 logs[f"{prefix}{key}"] = float(D.all_mean(torch.tensor(value)))
+        self._reshard()
+        for scheduler in self.schedulers.values():  # every LR follows the global step
+            scheduler.step()
         if all_finite:
             self.counters.nonfinite_in_row = 0
             if self.ema is not None:
@@ -430,7 +432,24 @@ class Trainer:
                 )
             )
         self.model.train(was_training)
+        self._reshard()
         return result
+
+    def _reshard(self) -> None:
+        """Return every FSDP2 module to its sharded state.
+
+        A forward under no_grad (a critic scoring generator samples, evaluation) leaves
+        modules with reshard_after_forward=False unsharded; EMA updates, checkpoints and
+        the memory budget all expect sharded parameters between steps.
+        """
+        if self.cfg.parallel.backend != "fsdp2":
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.modules.values():
+            for sub in module.modules():
+                if isinstance(sub, FSDPModule):
+                    sub.reshard()
 
     # --------------------------------------------------------------------------- run
     def run(self) -> int:
