@@ -14,12 +14,20 @@ materialised and initialised; AdamW after one step so both moments exist; an EMA
 - ``CheckpointManager.load(step, state)``: in-place restore, as ``Trainer.maybe_resume``.
 - Building the DCP state dicts (``get_model_state_dict`` / ``get_optimizer_state_dict``),
   which ``Trainer.save`` does before every save on top of the manager's own time.
-- A breakdown of the async blocking part: DCP's staging copy (what ``async_save`` does
-  before it returns) against allocating-and-copying plain tensors and against copying
-  into buffers allocated once, to show where the blocking time goes.
+- A breakdown of the async blocking part, to show where it goes: DCP's staging copy (what
+  ``async_save`` does before it returns under the manager), DCP's ``DefaultStager`` kept
+  alive so its buffers are reused (what the manager could do instead), allocating and
+  copying plain tensors, and copying into buffers allocated once (the memcpy floor).
+
+Every save and load is checked: the manager's checkpoints must be marked complete, and
+both loads must give back bit-identical tensors (the live state is wiped before the
+in-place DCP load). Peak memory is about five times the state (live state, reference
+load, staging copies, the probe's two persistent buffers): ~8 GB at the 100m preset.
 
 Each figure is the median of ``--repeats`` rounds; every round runs every measurement,
-interleaved, so a noisy machine affects them alike. The goal for asynchronous saving is
+interleaved, so a noisy machine affects them alike; before each one garbage is collected
+and dirty pages are flushed (``os.sync``), untimed. The load average is printed before
+and after, since other work on the machine shows up here. The goal for asynchronous saving is
 that training waits less than 20% of a synchronous save.
 
 The OS page cache is not dropped (that needs root): the files just written are still in
@@ -161,6 +169,12 @@ def timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, Any
 
 
 # ------------------------------------------------------------------------- measuring
+def settle() -> None:
+    """Free garbage and flush dirty pages so one phase's write-back does not land in the next."""
+    gc.collect()
+    os.sync()
+
+
 class Progress:
     """A tqdm bar over phases: starting the next phase settles and completes the one before."""
 
@@ -241,18 +255,13 @@ class StagingProbe:
         self.cached.close()
 
 
-def settle() -> None:
-    """Free garbage and flush dirty pages so one phase's write-back does not land in the next."""
-    gc.collect()
-    os.sync()
-
-
 def run(args: argparse.Namespace) -> None:
     parent = args.dir or tempfile.gettempdir()
     os.makedirs(parent, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="checkpoint_bench_", dir=parent))
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
+        load_before = os.getloadavg()[0]
         print(f"building flow_mlp preset {args.preset!r} (FSDP2, 1-rank CPU mesh) ...", flush=True)
         model, optimizer, ema = build_training_state(args.preset, not args.no_ema)
         num_params = sum(p.numel() for p in model.parameters())
@@ -304,7 +313,6 @@ def run(args: argparse.Namespace) -> None:
             verify("torch.load", loaded)
             del loaded
             plain_file.unlink()
-            gc.collect()
 
             progress.phase(label + "sync save")
             seconds, _ = timed(sync_mgr.save, step, state, trainer_state, rank_state, blocking=True)
@@ -337,7 +345,8 @@ def run(args: argparse.Namespace) -> None:
                 record(name, seconds)
         progress.close()
         probe.close()
-        report(args, num_params, sizes, times)
+        loads = (load_before, os.getloadavg()[0])
+        report(args, num_params, sizes, times, loads)
     finally:
         dist.destroy_process_group()
         shutil.rmtree(root, ignore_errors=True)
@@ -345,7 +354,11 @@ def run(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- report
 def report(
-    args: argparse.Namespace, num_params: int, sizes: dict[str, int], times: dict[str, list[float]]
+    args: argparse.Namespace,
+    num_params: int,
+    sizes: dict[str, int],
+    times: dict[str, list[float]],
+    loads: tuple[float, float],
 ) -> None:
     med = {name: statistics.median(values) for name, values in times.items()}
     state_desc = "model + AdamW" + ("" if args.no_ema else " + EMA")
@@ -355,6 +368,7 @@ def report(
         f"fp32, {args.repeats} round(s), torch {torch.__version__}, {os.cpu_count()} CPUs"
     )
     print(f"checkpoint bytes: DCP {sizes['DCP']:,}  torch.save {sizes['torch.save']:,}")
+    print(f"1-minute load average: {loads[0]:.2f} before, {loads[1]:.2f} after")
     print()
     rows = [
         ("torch.save (reference)", "torch_save"),

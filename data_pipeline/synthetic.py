@@ -66,7 +66,9 @@ def scatter_png(
         pix = ((pts / extent + 1) / 2 * (size - 1)).round().astype(int)
         keep = (pix >= 0).all(1) & (pix < size).all(1)
         pix = pix[keep]
-        img[size - 1 - pix[:, 1], pix[:, 0]] = color
+        for dy in (0, 1):  # 2x2 dots: single pixels are hard to see
+            for dx in (0, 1):
+                img[np.clip(size - 1 - pix[:, 1] - dy, 0, size - 1), np.clip(pix[:, 0] + dx, 0, size - 1)] = color
 
     plot(reference_ND, (190, 190, 190))
     plot(points_ND, (31, 90, 200))
