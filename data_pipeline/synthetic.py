@@ -68,7 +68,10 @@ def scatter_png(
         pix = pix[keep]
         for dy in (0, 1):  # 2x2 dots: single pixels are hard to see
             for dx in (0, 1):
-                img[np.clip(size - 1 - pix[:, 1] - dy, 0, size - 1), np.clip(pix[:, 0] + dx, 0, size - 1)] = color
+                img[
+                    np.clip(size - 1 - pix[:, 1] - dy, 0, size - 1),
+                    np.clip(pix[:, 0] + dx, 0, size - 1),
+                ] = color
 
     plot(reference_ND, (190, 190, 190))
     plot(points_ND, (31, 90, 200))

@@ -73,7 +73,13 @@ class CheckpointStore:
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         return f"{protocol}://" + self.join(*parts)
 
+    def refresh(self) -> None:
+        """Forget cached listings: other processes (ranks) write here too."""
+        if self.remote:
+            self.fs.invalidate_cache()
+
     def step_dirs(self) -> list[int]:
+        self.refresh()
         if not self.fs.exists(self.path):
             return []
         steps = []
@@ -84,6 +90,7 @@ class CheckpointStore:
         return sorted(steps)
 
     def is_complete(self, step: int) -> bool:
+        self.refresh()
         return self.fs.exists(self.join(step_dir_name(step), COMPLETE_MARKER))
 
     def complete_steps(self) -> list[int]:
@@ -92,6 +99,7 @@ class CheckpointStore:
     def latest_step(self) -> int | None:
         """The step named by ``latest`` (verified complete), else the newest complete one."""
         pointer = self.join("latest")
+        self.refresh()
         if self.fs.exists(pointer):
             name = self.fs.cat_file(pointer).decode().strip()
             match = STEP_DIR.match(name)
@@ -123,6 +131,7 @@ class CheckpointStore:
         return self.fs.cat_file(self.join(rel_path))
 
     def exists(self, rel_path: str) -> bool:
+        self.refresh()
         return self.fs.exists(self.join(rel_path))
 
     def remove_step(self, step: int) -> None:
@@ -147,7 +156,7 @@ def _torch_load(data: bytes) -> Any:
 
 def dcp_writer(store: CheckpointStore, step: int):
     if store.remote:
-        from torch.distributed.checkpoint import FsspecWriter
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
         return FsspecWriter(store.url(step_dir_name(step)))
     return dcp.FileSystemWriter(store.join(step_dir_name(step)))
@@ -155,7 +164,7 @@ def dcp_writer(store: CheckpointStore, step: int):
 
 def dcp_reader(store: CheckpointStore, step: int):
     if store.remote:
-        from torch.distributed.checkpoint import FsspecReader
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
         return FsspecReader(store.url(step_dir_name(step)))
     return dcp.FileSystemReader(store.join(step_dir_name(step)))

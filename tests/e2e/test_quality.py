@@ -19,10 +19,17 @@ BOUND = 0.35
 
 
 def test_flow_mlp_samples_match_the_mixture(tmp_path):
-    cfg = load_config("recipes/flow2d.yaml", [
-        f"run.output_dir={tmp_path}", "run.max_steps=600", "eval.every=600", "eval.num_samples=2000",
-        "logging.progress_bar=false", "checkpoint.every=600",
-    ])
+    cfg = load_config(
+        "recipes/flow2d.yaml",
+        [
+            f"run.output_dir={tmp_path}",
+            "run.max_steps=600",
+            "eval.every=600",
+            "eval.num_samples=2000",
+            "logging.progress_bar=false",
+            "checkpoint.every=600",
+        ],
+    )
     trainer = Trainer(cfg, DistEnv("single"))
     try:
         untrained = trainer.evaluate()["eval/sliced_w1"]
@@ -32,7 +39,10 @@ def test_flow_mlp_samples_match_the_mixture(tmp_path):
     finally:
         D.close()
     mixture = GaussianMixture2D(GaussianMixture2DConfig())
-    floor = sliced_wasserstein(mixture.sample(2000, np.random.default_rng(1)), mixture.sample(2000, np.random.default_rng(2)))
+    floor = sliced_wasserstein(
+        mixture.sample(2000, np.random.default_rng(1)),
+        mixture.sample(2000, np.random.default_rng(2)),
+    )
     assert floor < BOUND / 3
     assert untrained > BOUND, "the untrained baseline must fail the same bound"
     assert trained < BOUND, (trained, untrained)

@@ -34,7 +34,9 @@ def test_blocks_start_as_identity():
 def test_parallelize_without_sharding_keeps_state_dict_keys():
     plain = build(FlowMLPConfig())
     keys = list(plain.state_dict())
-    wrapped = parallelize(build(FlowMLPConfig()), ParallelPlan(backend="none", activation_checkpointing=True))
+    wrapped = parallelize(
+        build(FlowMLPConfig()), ParallelPlan(backend="none", activation_checkpointing=True)
+    )
     assert list(wrapped.state_dict()) == keys
 
 

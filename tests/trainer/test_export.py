@@ -18,8 +18,13 @@ def test_export_two_rank_checkpoint_loads_into_a_plain_model(tmp_path):
     run = tmp_path / "run"
     run_launch(REPO / "recipes/tiny/flow2d.yaml", f"run.output_dir={run}", "eval.every=0")
     out = tmp_path / "ema.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "trainer.export", str(run), "--out", str(out)],
-                          cwd=REPO, env=launch_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "trainer.export", str(run), "--out", str(out)],
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     ema = load_file(out)
     model = build(FlowMLPConfig())
@@ -29,12 +34,26 @@ def test_export_two_rank_checkpoint_loads_into_a_plain_model(tmp_path):
     assert any(not torch.equal(weights[k], ema[k]) for k in ema)  # EMA lags the weights
     x, t = torch.randn(8, 2), torch.rand(8)
     assert torch.isfinite(model(x, t)).all()
-    bad = subprocess.run([sys.executable, "-m", "trainer.export", str(run), "--step", "7", "--out", str(out)],
-                         cwd=REPO, env=launch_env(), capture_output=True, text=True)
-    assert bad.returncode == 2 and "not a complete checkpoint" in bad.stderr and "Traceback" not in bad.stderr
+    bad = subprocess.run(
+        [sys.executable, "-m", "trainer.export", str(run), "--step", "7", "--out", str(out)],
+        cwd=REPO,
+        env=launch_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert (
+        bad.returncode == 2
+        and "not a complete checkpoint" in bad.stderr
+        and "Traceback" not in bad.stderr
+    )
 
 
 def _export(run, out, weights):
-    subprocess.run([sys.executable, "-m", "trainer.export", str(run), "--weights", weights, "--out", str(out)],
-                   cwd=REPO, env=launch_env(), check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "trainer.export", str(run), "--weights", weights, "--out", str(out)],
+        cwd=REPO,
+        env=launch_env(),
+        check=True,
+        capture_output=True,
+    )
     return out
