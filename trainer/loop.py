@@ -480,6 +480,7 @@ class Trainer:
         guard = PreemptionGuard().install()
         window_time = window_wait = 0.0
         window_steps = 0
+        window_logs: dict[str, float] = {}
         last_ckpt_step = start_step if resumed else -1
         try:
             while self.counters.step < cfg.run.max_steps:
@@ -490,12 +491,19 @@ class Trainer:
                 window_time += time.perf_counter() - t0
                 window_wait += logs.pop("data_wait_s")
                 window_steps += 1
+                for key, value in logs.items():  # mean over the logging window (last LR)
+                    window_logs[key] = (
+                        value if key.endswith("lr") else window_logs.get(key, 0.0) + value
+                    )
                 samples_per_s = cfg.train.batch_size * window_steps / max(window_time, 1e-9)
                 metrics.progress(step, logs.get("loss"), samples_per_s)
                 if step % cfg.train.log_every == 0 or step == cfg.run.max_steps:
                     record = {
                         "step": step,
-                        **logs,
+                        **{
+                            k: (v if k.endswith("lr") else v / window_steps)
+                            for k, v in window_logs.items()
+                        },
                         "samples_per_s": samples_per_s,
                         "data_wait_frac": window_wait / max(window_time, 1e-9),
                         "samples": self.counters.samples,
@@ -507,6 +515,7 @@ class Trainer:
                     metrics.log(record)
                     window_time = window_wait = 0.0
                     window_steps = 0
+                    window_logs = {}
                 if cfg.eval.every and step % cfg.eval.every == 0:
                     eval_logs = self.evaluate()
                     if eval_logs:

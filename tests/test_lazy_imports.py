@@ -1,0 +1,23 @@
+"""Heavy optional modules load only on the paths that use them, so `import trainer` is fast
+and a GPU box with only torch can run the models."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO, launch_env
+
+HEAVY = ("ray", "deepspeed", "open_clip", "transformers", "s3fs", "wandb", "tensorboard", "webdataset")
+
+
+def test_core_modules_do_not_import_heavy_dependencies():
+    code = (
+        "import sys, trainer, models, data_pipeline, cluster\n"
+        "import trainer.launch, trainer.loop, trainer.config, trainer.checkpoint, trainer.export\n"
+        "import models.flow_mlp, data_pipeline.synthetic, cluster.env\n"
+        f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=launch_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "", f"imported eagerly: {proc.stdout.strip()}"
