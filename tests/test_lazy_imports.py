@@ -8,7 +8,16 @@ import sys
 
 from conftest import REPO, launch_env
 
-HEAVY = ("ray", "deepspeed", "open_clip", "transformers", "s3fs", "wandb", "tensorboard", "webdataset")
+HEAVY = (
+    "ray",
+    "deepspeed",
+    "open_clip",
+    "transformers",
+    "s3fs",
+    "wandb",
+    "tensorboard",
+    "webdataset",
+)
 
 
 def test_core_modules_do_not_import_heavy_dependencies():
@@ -18,6 +27,8 @@ def test_core_modules_do_not_import_heavy_dependencies():
         "import models.flow_mlp, data_pipeline.synthetic, cluster.env\n"
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=launch_env(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=launch_env(), capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "", f"imported eagerly: {proc.stdout.strip()}"

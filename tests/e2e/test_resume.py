@@ -48,9 +48,16 @@ def test_two_ranks_write_run_directory(tmp_path):
     assert list((run / "samples").glob("samples_step*.png"))
 
 
-def test_exact_resume_is_bit_identical(tmp_path):
-    """2N straight steps == N steps, stop, resume for N more (same losses, bit for bit)."""
-    common = (*COMMON, "schedule.name=constant", "checkpoint.every=10")
+@pytest.mark.parametrize("async_save", [False, True])
+def test_exact_resume_is_bit_identical(tmp_path, async_save):
+    """2N straight steps == N steps, stop, resume for N more (same losses, bit for bit),
+    with synchronous and with background (async) checkpoint writes."""
+    common = (
+        *COMMON,
+        "schedule.name=constant",
+        "checkpoint.every=5",
+        f"checkpoint.async_save={str(async_save).lower()}",
+    )
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     run_launch(RECIPE, f"run.output_dir={straight}", "run.max_steps=20", *common)
     run_launch(RECIPE, f"run.output_dir={resumed}", "run.max_steps=10", *common)

@@ -246,3 +246,34 @@ def test_resolved_config_is_written_and_reloads(tmp_path):
 
     again = config_from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text()))
     assert again == cfg and again.optimizer.lr == 0.0005
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path):
+    """4 micro-batches of 16 give the same step as one batch of 64 (up to float rounding)."""
+    results = []
+    for extra in ([], ["train.micro_batch_size=16"]):
+        trainer = Trainer(
+            make_cfg(tmp_path / str(len(results)), "run.max_steps=2", *extra), DistEnv("single")
+        )
+        assert trainer.accum_steps == (4 if extra else 1)
+        results.append(
+            (trainer.train_step(), [p.full_tensor().clone() for p in trainer.model.parameters()])
+        )
+        D.close()
+    (logs_a, params_a), (logs_b, params_b) = results
+    assert logs_b["loss"] == pytest.approx(logs_a["loss"], rel=1e-5)
+    assert logs_b["grad_norm"] == pytest.approx(logs_a["grad_norm"], rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params_a, params_b))
+
+
+@pytest.mark.slow
+def test_compiled_blocks_give_the_same_step(tmp_path):
+    results = []
+    for extra in ([], ["parallel.compile=true"]):
+        trainer = Trainer(
+            make_cfg(tmp_path / str(len(results)), "run.max_steps=2", *extra), DistEnv("single")
+        )
+        results.append(trainer.train_step())
+        D.close()
+    assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
+    assert results[1]["grad_norm"] == pytest.approx(results[0]["grad_norm"], rel=1e-4)
