@@ -57,3 +57,29 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 @pytest.fixture
 def tiny_recipe() -> Path:
     return REPO / "recipes" / "tiny" / "flow2d.yaml"
+
+
+@pytest.fixture
+def s3_endpoint(monkeypatch):
+    """A real S3-compatible server (moto) on loopback with bucket 'ckpts'; AWS_* env points at it."""
+    from moto.server import ThreadedMotoServer
+
+    from cluster.env import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    url = f"http://127.0.0.1:{port}"
+    for key, value in {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": url,
+        "FSSPEC_S3_ENDPOINT_URL": url,
+    }.items():
+        monkeypatch.setenv(key, value)
+    import boto3
+
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket="ckpts")
+    yield url
+    server.stop()

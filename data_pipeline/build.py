@@ -1,0 +1,228 @@
+"""``python -m data_pipeline.build SOURCE --out DEST [options]``: write WebDataset shards.
+
+SOURCE is one of:
+
+* ``builtin:digits`` - scikit-learn's 8x8 handwritten digits (shipped inside the
+  package), upscaled to ``--size`` (or several ``--sizes WxH,...`` for aspect buckets),
+  captioned "a photo of the digit seven", with the class label;
+* a folder of images (png/jpg/jpeg/webp), captioned by a sidecar ``NAME.txt`` next to
+  each image or by ``--captions manifest.jsonl|.csv`` (columns/keys ``file``, ``caption``);
+* text files (``.txt``, or a folder of them with ``--kind text``) for language models:
+  documents are cut at line boundaries into samples of at most ``--chars-per-sample``.
+
+DEST is a folder or fsspec URL (``s3://bucket/prefix``). A progress bar runs while
+writing; a summary (samples, shards, bytes, skipped items and why) ends the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from data_pipeline.shards import ShardWriter
+
+DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+IMAGE_EXTS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
+
+Sample = tuple[str, dict[str, bytes], dict[str, Any]]
+
+
+class BuildError(ValueError):
+    """A user mistake in the build command (bad source, unreadable manifest)."""
+
+
+def digit_caption(label: int) -> str:
+    return f"a photo of the digit {DIGIT_WORDS[label]}"
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    sizes = []
+    for item in text.split(","):
+        w, sep, h = item.strip().lower().partition("x")
+        if not sep or not w.isdigit() or not h.isdigit():
+            raise BuildError(f"--sizes: {item!r} is not WIDTHxHEIGHT")
+        sizes.append((int(w), int(h)))
+    return sizes
+
+
+def digits_samples(sizes: list[tuple[int, int]], limit: int | None, skipped: Counter) -> Iterator[Sample]:
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    count = len(digits.images) if limit is None else min(limit, len(digits.images))
+    for i in range(count):
+        width, height = sizes[i % len(sizes)]
+        pixels = (digits.images[i] / 16.0 * 255).clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels, mode="L").resize((width, height), Image.BILINEAR).convert("RGB")
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        label = int(digits.target[i])
+        meta = {"width": width, "height": height, "aspect": width / height, "label": label, "source": "sklearn-digits", "index": i}
+        yield f"{i:06d}", {"png": buf.getvalue(), "txt": digit_caption(label).encode(), "cls": str(label).encode(),
+                           "json": json.dumps(meta).encode()}, meta
+
+
+def _read_manifest(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise BuildError(f"--captions: {path} does not exist")
+    rows: list[dict[str, Any]]
+    if path.suffix == ".jsonl":
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise BuildError(f"--captions: {path}:{number}: not valid JSON ({err.msg})") from None
+    elif path.suffix == ".csv":
+        with path.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    else:
+        raise BuildError(f"--captions: {path} must be .jsonl or .csv")
+    out = {}
+    for row in rows:
+        if "file" not in row or "caption" not in row:
+            raise BuildError(f"--captions: every row of {path} needs 'file' and 'caption'")
+        out[str(row["file"])] = str(row["caption"])
+    return out
+
+
+def folder_samples(folder: Path, manifest: Path | None, limit: int | None, skipped: Counter) -> Iterator[Sample]:
+    from PIL import Image, UnidentifiedImageError
+
+    captions = _read_manifest(manifest) if manifest else None
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise BuildError(f"no images (png/jpg/jpeg/webp) under {folder}")
+    written = 0
+    for path in files:
+        if limit is not None and written >= limit:
+            return
+        rel = path.relative_to(folder).as_posix()
+        if captions is not None:
+            caption = captions.get(rel, captions.get(path.name))
+        else:
+            sidecar = path.with_suffix(".txt")
+            caption = sidecar.read_text().strip() if sidecar.is_file() else None
+        if not caption:
+            skipped["missing caption"] += 1
+            continue
+        data = path.read_bytes()
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.verify()
+            with Image.open(io.BytesIO(data)) as image:
+                width, height = image.size
+        except (UnidentifiedImageError, OSError, SyntaxError):
+            skipped["undecodable image"] += 1
+            continue
+        meta = {"width": width, "height": height, "aspect": width / height, "source": rel}
+        yield f"{written:08d}", {IMAGE_EXTS[path.suffix.lower()]: data, "txt": caption.encode(),
+                                 "json": json.dumps(meta).encode()}, meta
+        written += 1
+
+
+def text_samples(paths: list[Path], chars_per_sample: int, limit: int | None, skipped: Counter) -> Iterator[Sample]:
+    written = 0
+    for path in paths:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            skipped["not UTF-8 text"] += 1
+            continue
+        chunk: list[str] = []
+        size = 0
+        for line in text.splitlines(keepends=True):
+            if size + len(line) > chars_per_sample and chunk:
+                yield _text_sample(written, "".join(chunk), path)
+                written += 1
+                if limit is not None and written >= limit:
+                    return
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk and "".join(chunk).strip():
+            yield _text_sample(written, "".join(chunk), path)
+            written += 1
+            if limit is not None and written >= limit:
+                return
+        elif not text.strip():
+            skipped["empty text file"] += 1
+
+
+def _text_sample(index: int, text: str, path: Path) -> Sample:
+    meta = {"length": len(text), "source": path.name}
+    return f"{index:08d}", {"txt": text.encode(), "json": json.dumps(meta).encode()}, meta
+
+
+def build(args: argparse.Namespace) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    skipped: Counter = Counter()
+    source = args.source
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        if name != "digits":
+            raise BuildError(f"unknown built-in source {source!r}; available: builtin:digits")
+        sizes = parse_sizes(args.sizes) if args.sizes else [(args.size, args.size)]
+        samples = digits_samples(sizes, args.limit, skipped)
+        total = args.limit or 1797
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise BuildError(f"source {source} does not exist")
+        if path.is_file() or args.kind == "text":
+            files = [path] if path.is_file() else sorted(path.rglob("*.txt"))
+            if not files:
+                raise BuildError(f"no .txt files under {source}")
+            samples = text_samples(files, args.chars_per_sample, args.limit, skipped)
+        else:
+            samples = folder_samples(path, Path(args.captions) if args.captions else None, args.limit, skipped)
+        total = args.limit
+    with ShardWriter(args.out, prefix=args.prefix, max_samples=args.shard_size, max_bytes=args.max_bytes) as writer:
+        for key, fields, meta in tqdm(samples, total=total, desc="build", unit="sample", file=sys.stderr):
+            writer.write(key, fields, meta)
+    return {**writer.summary, "skipped": dict(skipped), "out": args.out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline.build", description=__doc__.splitlines()[0])
+    parser.add_argument("source", help="builtin:digits, a folder of images, or text file(s)")
+    parser.add_argument("--out", required=True, help="destination folder or fsspec URL")
+    parser.add_argument("--kind", choices=["auto", "images", "text"], default="auto", help="how to read a folder")
+    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--max-bytes", type=int, default=256 << 20, help="bytes per shard at most")
+    parser.add_argument("--prefix", default="shard", help="shard file prefix")
+    parser.add_argument("--limit", type=int, default=None, help="stop after this many samples")
+    parser.add_argument("--size", type=int, default=32, help="digits: square side in pixels")
+    parser.add_argument("--sizes", default=None, help="digits: WxH[,WxH...] cycled over samples (aspect buckets)")
+    parser.add_argument("--captions", default=None, help="image folder: manifest .jsonl/.csv with file, caption")
+    parser.add_argument("--chars-per-sample", type=int, default=4096, help="text: characters per sample at most")
+    args = parser.parse_args(argv)
+    if args.shard_size < 1 or args.max_bytes < 1024:
+        print("error: --shard-size must be >= 1 and --max-bytes >= 1024", file=sys.stderr)
+        return 2
+    try:
+        summary = build(args)
+    except BuildError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    skipped = ", ".join(f"{n} {why}" for why, n in summary["skipped"].items()) or "none"
+    print(
+        f"wrote {summary['samples']} samples in {summary['shards']} shards ({summary['bytes'] / 1e6:.1f} MB) "
+        f"to {summary['out']}; skipped: {skipped}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
