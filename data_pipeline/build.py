@@ -52,7 +52,9 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     return sizes
 
 
-def digits_samples(sizes: list[tuple[int, int]], limit: int | None, skipped: Counter) -> Iterator[Sample]:
+def digits_samples(
+    sizes: list[tuple[int, int]], limit: int | None, skipped: Counter
+) -> Iterator[Sample]:
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
@@ -62,13 +64,30 @@ def digits_samples(sizes: list[tuple[int, int]], limit: int | None, skipped: Cou
     for i in range(count):
         width, height = sizes[i % len(sizes)]
         pixels = (digits.images[i] / 16.0 * 255).clip(0, 255).astype(np.uint8)
-        image = Image.fromarray(pixels, mode="L").resize((width, height), Image.BILINEAR).convert("RGB")
+        image = (
+            Image.fromarray(pixels, mode="L").resize((width, height), Image.BILINEAR).convert("RGB")
+        )
         buf = io.BytesIO()
         image.save(buf, format="PNG")
         label = int(digits.target[i])
-        meta = {"width": width, "height": height, "aspect": width / height, "label": label, "source": "sklearn-digits", "index": i}
-        yield f"{i:06d}", {"png": buf.getvalue(), "txt": digit_caption(label).encode(), "cls": str(label).encode(),
-                           "json": json.dumps(meta).encode()}, meta
+        meta = {
+            "width": width,
+            "height": height,
+            "aspect": width / height,
+            "label": label,
+            "source": "sklearn-digits",
+            "index": i,
+        }
+        yield (
+            f"{i:06d}",
+            {
+                "png": buf.getvalue(),
+                "txt": digit_caption(label).encode(),
+                "cls": str(label).encode(),
+                "json": json.dumps(meta).encode(),
+            },
+            meta,
+        )
 
 
 def _read_manifest(path: Path) -> dict[str, str]:
@@ -82,7 +101,9 @@ def _read_manifest(path: Path) -> dict[str, str]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as err:
-                    raise BuildError(f"--captions: {path}:{number}: not valid JSON ({err.msg})") from None
+                    raise BuildError(
+                        f"--captions: {path}:{number}: not valid JSON ({err.msg})"
+                    ) from None
     elif path.suffix == ".csv":
         with path.open(newline="") as fh:
             rows = list(csv.DictReader(fh))
@@ -96,7 +117,9 @@ def _read_manifest(path: Path) -> dict[str, str]:
     return out
 
 
-def folder_samples(folder: Path, manifest: Path | None, limit: int | None, skipped: Counter) -> Iterator[Sample]:
+def folder_samples(
+    folder: Path, manifest: Path | None, limit: int | None, skipped: Counter
+) -> Iterator[Sample]:
     from PIL import Image, UnidentifiedImageError
 
     captions = _read_manifest(manifest) if manifest else None
@@ -126,12 +149,21 @@ def folder_samples(folder: Path, manifest: Path | None, limit: int | None, skipp
             skipped["undecodable image"] += 1
             continue
         meta = {"width": width, "height": height, "aspect": width / height, "source": rel}
-        yield f"{written:08d}", {IMAGE_EXTS[path.suffix.lower()]: data, "txt": caption.encode(),
-                                 "json": json.dumps(meta).encode()}, meta
+        yield (
+            f"{written:08d}",
+            {
+                IMAGE_EXTS[path.suffix.lower()]: data,
+                "txt": caption.encode(),
+                "json": json.dumps(meta).encode(),
+            },
+            meta,
+        )
         written += 1
 
 
-def text_samples(paths: list[Path], chars_per_sample: int, limit: int | None, skipped: Counter) -> Iterator[Sample]:
+def text_samples(
+    paths: list[Path], chars_per_sample: int, limit: int | None, skipped: Counter
+) -> Iterator[Sample]:
     written = 0
     for path in paths:
         try:
@@ -186,27 +218,45 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                 raise BuildError(f"no .txt files under {source}")
             samples = text_samples(files, args.chars_per_sample, args.limit, skipped)
         else:
-            samples = folder_samples(path, Path(args.captions) if args.captions else None, args.limit, skipped)
+            samples = folder_samples(
+                path, Path(args.captions) if args.captions else None, args.limit, skipped
+            )
         total = args.limit
-    with ShardWriter(args.out, prefix=args.prefix, max_samples=args.shard_size, max_bytes=args.max_bytes) as writer:
-        for key, fields, meta in tqdm(samples, total=total, desc="build", unit="sample", file=sys.stderr):
+    with ShardWriter(
+        args.out, prefix=args.prefix, max_samples=args.shard_size, max_bytes=args.max_bytes
+    ) as writer:
+        for key, fields, meta in tqdm(
+            samples, total=total, desc="build", unit="sample", file=sys.stderr
+        ):
             writer.write(key, fields, meta)
     return {**writer.summary, "skipped": dict(skipped), "out": args.out}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.build", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipeline.build", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("source", help="builtin:digits, a folder of images, or text file(s)")
     parser.add_argument("--out", required=True, help="destination folder or fsspec URL")
-    parser.add_argument("--kind", choices=["auto", "images", "text"], default="auto", help="how to read a folder")
-    parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument(
+        "--kind", choices=["auto", "images", "text"], default="auto", help="how to read a folder"
+    )
+    parser.add_argument(
+        "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
+    )
     parser.add_argument("--max-bytes", type=int, default=256 << 20, help="bytes per shard at most")
     parser.add_argument("--prefix", default="shard", help="shard file prefix")
     parser.add_argument("--limit", type=int, default=None, help="stop after this many samples")
     parser.add_argument("--size", type=int, default=32, help="digits: square side in pixels")
-    parser.add_argument("--sizes", default=None, help="digits: WxH[,WxH...] cycled over samples (aspect buckets)")
-    parser.add_argument("--captions", default=None, help="image folder: manifest .jsonl/.csv with file, caption")
-    parser.add_argument("--chars-per-sample", type=int, default=4096, help="text: characters per sample at most")
+    parser.add_argument(
+        "--sizes", default=None, help="digits: WxH[,WxH...] cycled over samples (aspect buckets)"
+    )
+    parser.add_argument(
+        "--captions", default=None, help="image folder: manifest .jsonl/.csv with file, caption"
+    )
+    parser.add_argument(
+        "--chars-per-sample", type=int, default=4096, help="text: characters per sample at most"
+    )
     args = parser.parse_args(argv)
     if args.shard_size < 1 or args.max_bytes < 1024:
         print("error: --shard-size must be >= 1 and --max-bytes >= 1024", file=sys.stderr)

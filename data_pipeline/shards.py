@@ -63,7 +63,10 @@ class ShardIndex:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"num_samples": len(self.samples), "samples": [[s.key, s.offset, s.size, s.meta] for s in self.samples]}
+            {
+                "num_samples": len(self.samples),
+                "samples": [[s.key, s.offset, s.size, s.meta] for s in self.samples],
+            }
         )
 
     @classmethod
@@ -86,10 +89,15 @@ def retry(fn, *, what: str, attempts: int = 5, base_delay: float = 0.5):
         try:
             return fn()
         except (OSError, TimeoutError) as err:  # botocore/aiohttp errors subclass these
-            if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError)) or attempt == attempts - 1:
+            if (
+                isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError))
+                or attempt == attempts - 1
+            ):
                 raise
             delay = base_delay * 2**attempt
-            log.warning("%s failed (%s); retry %d/%d in %.1fs", what, err, attempt + 1, attempts - 1, delay)
+            log.warning(
+                "%s failed (%s); retry %d/%d in %.1fs", what, err, attempt + 1, attempts - 1, delay
+            )
             time.sleep(delay)
     raise AssertionError("unreachable")
 
@@ -127,7 +135,15 @@ class ShardWriter:
     samples, shards and bytes.
     """
 
-    def __init__(self, dest: str, *, prefix: str = "shard", max_samples: int = 1000, max_bytes: int = 256 << 20, start_index: int = 0):
+    def __init__(
+        self,
+        dest: str,
+        *,
+        prefix: str = "shard",
+        max_samples: int = 1000,
+        max_bytes: int = 256 << 20,
+        start_index: int = 0,
+    ):
         self.dest = dest.rstrip("/")
         self.prefix = prefix
         self.max_samples = max_samples
@@ -216,8 +232,14 @@ def expand_urls(spec: str | Iterable[str]) -> list[str]:
             found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
             if not found:
                 raise FileNotFoundError(f"no .tar shards under {url}")
-            protocol = "" if isinstance(fs, fsspec.implementations.local.LocalFileSystem) else url.split("://", 1)[0] + "://"
-            urls.extend(protocol + p if protocol and not p.startswith(protocol) else p for p in found)
+            protocol = (
+                ""
+                if isinstance(fs, fsspec.implementations.local.LocalFileSystem)
+                else url.split("://", 1)[0] + "://"
+            )
+            urls.extend(
+                protocol + p if protocol and not p.startswith(protocol) else p for p in found
+            )
     return urls
 
 

@@ -173,15 +173,49 @@ def dcp_reader(store: CheckpointStore, step: int):
 class CheckpointManager:
     """Saves and restores training state collectively; every rank calls every method."""
 
-    def __init__(self, root: str, *, rank: int, world_size: int, keep_last: int, async_save: bool):
+    def __init__(
+        self,
+        root: str,
+        *,
+        rank: int,
+        world_size: int,
+        keep_last: int,
+        async_save: bool,
+        device: torch.device | None = None,
+    ):
         self.store = CheckpointStore(root)
         self.rank = rank
         self.world_size = world_size
         self.keep_last = keep_last
         self.async_save = async_save
+        self.device = device or torch.device("cpu")
         self._pending: tuple[int, Any, dict] | None = None  # (step, future, meta) of an async save
-        # Async saves run their collectives in a background thread: give them their own group.
-        self._pg = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self._pg = None
+        self._stager = None
+        if async_save:
+            self._setup_async()
+
+    def _setup_async(self) -> None:
+        """A gloo group for the background thread's collectives, and one reusable stager.
+
+        DCP's default path copies the whole state into freshly allocated memory on every
+        save, which was most of the time the loop stayed blocked (benchmarks/RESULTS.md).
+        A stager kept for the run copies into the same host buffers each time; reuse is
+        safe because a save waits for the previous one before staging again.
+        """
+        if self._pg is None and dist.is_initialized():
+            self._pg = dist.new_group(backend="gloo")
+        if self._stager is None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = self.device.type == "cuda"
+            options = StagingOptions(
+                use_pinned_memory=cuda,
+                use_shared_memory=False,
+                use_async_staging=False,
+                use_non_blocking_copy=cuda,
+            )
+            self._stager = DefaultStager(options)
 
     # ------------------------------------------------------------------------- saving
     def save(
@@ -206,8 +240,12 @@ class CheckpointManager:
         meta = {"step": step, "world_size": self.world_size, "saved_at": time.time()}
         use_async = self.async_save if blocking is None else not blocking
         if use_async:
+            self._setup_async()
             future = dcp.async_save(
-                dcp_state, storage_writer=dcp_writer(self.store, step), process_group=self._pg
+                dcp_state,
+                storage_writer=dcp_writer(self.store, step),
+                process_group=self._pg,
+                async_stager=self._stager,
             )
             self._pending = (step, future, meta)
         else:
@@ -222,7 +260,7 @@ class CheckpointManager:
             step, future, meta = self._pending
             done = _future_done(future)
             # Every rank must agree the save is done before rank 0 marks it complete.
-            flag = torch.tensor([1 if done else 0])
+            flag = torch.tensor([1 if done else 0], device=self.device)
             # (on the default group: the checkpoint group is busy in the background thread)
             if dist.is_initialized():
                 dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -239,6 +277,13 @@ class CheckpointManager:
             self._pending = None
             _barrier()
             self._finalize(step, meta)
+
+    def close(self) -> None:
+        """Finish any save in flight and release the staging buffers."""
+        self.wait()
+        if self._stager is not None:
+            self._stager.close()
+            self._stager = None
 
     def _finalize(self, step: int, meta: dict) -> None:
         if self.rank == 0:

@@ -24,7 +24,8 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: int) -> None
     """Join the process group (a private in-memory one for a single process)."""
     if dist.is_initialized():
         return
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    # On GPUs, CPU tensors (flags, checkpoint bookkeeping) still need a backend: gloo.
+    backend = "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
     timeout = datetime.timedelta(seconds=timeout_s)
     if env.world_size == 1 and not env.master_addr:
         dist.init_process_group(

@@ -145,6 +145,7 @@ class Trainer:
             world_size=self.world_size,
             keep_last=cfg.checkpoint.keep_last,
             async_save=cfg.checkpoint.async_save,
+            device=self.device,
         )
         if fresh and self.rank == 0:
             log.warning("--fresh: removing checkpoints under %s and old metrics", ckpt_root)
@@ -545,6 +546,7 @@ class Trainer:
         finally:
             guard.uninstall()
             metrics.close()
+            self.ckpt.close()
 
 
 def train(cfg: Config, env: DistEnv, *, fresh: bool = False) -> int:
