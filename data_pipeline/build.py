@@ -46,8 +46,8 @@ def parse_sizes(text: str) -> list[tuple[int, int]]:
     sizes = []
     for item in text.split(","):
         w, sep, h = item.strip().lower().partition("x")
-        if not sep or not w.isdigit() or not h.isdigit():
-            raise BuildError(f"--sizes: {item!r} is not WIDTHxHEIGHT")
+        if not sep or not w.isdigit() or not h.isdigit() or int(w) < 1 or int(h) < 1:
+            raise BuildError(f"--sizes: {item!r} is not WIDTHxHEIGHT with positive sides")
         sizes.append((int(w), int(h)))
     return sizes
 
@@ -111,7 +111,7 @@ def _read_manifest(path: Path) -> dict[str, str]:
         raise BuildError(f"--captions: {path} must be .jsonl or .csv")
     out = {}
     for row in rows:
-        if "file" not in row or "caption" not in row:
+        if not isinstance(row, dict) or "file" not in row or "caption" not in row:
             raise BuildError(f"--captions: every row of {path} needs 'file' and 'caption'")
         out[str(row["file"])] = str(row["caption"])
     return out
@@ -182,7 +182,7 @@ def text_samples(
                 chunk, size = [], 0
             chunk.append(line)
             size += len(line)
-        if chunk and "".join(chunk).strip():
+        if chunk and text.strip():  # trailing blank lines belong to the last sample
             yield _text_sample(written, "".join(chunk), path)
             written += 1
             if limit is not None and written >= limit:
@@ -258,8 +258,10 @@ def main(argv: list[str] | None = None) -> int:
         "--chars-per-sample", type=int, default=4096, help="text: characters per sample at most"
     )
     args = parser.parse_args(argv)
-    if args.shard_size < 1 or args.max_bytes < 1024:
-        print("error: --shard-size must be >= 1 and --max-bytes >= 1024", file=sys.stderr)
+    if args.shard_size < 1 or args.max_bytes < 1024 or args.size < 1:
+        print(
+            "error: --shard-size and --size must be >= 1 and --max-bytes >= 1024", file=sys.stderr
+        )
         return 2
     try:
         summary = build(args)

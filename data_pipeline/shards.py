@@ -190,19 +190,20 @@ class ShardWriter:
             return
         self._tar.close()  # writes the end-of-archive blocks
         self._tmp.close()
+        local = self._tmp.name
+        self._tar = self._tmp = None  # the temp file is ours to remove from here on
         name = f"{self.prefix}-{self.shard_index:06d}.tar"
         url = f"{self.dest}/{name}"
-        size = os.path.getsize(self._tmp.name)
+        size = os.path.getsize(local)
         try:
-            put_atomic(self._tmp.name, url)
+            put_atomic(local, url)
             write_text_atomic(url + INDEX_SUFFIX, ShardIndex(url, self._entries).to_json())
         finally:
-            os.unlink(self._tmp.name)
+            os.unlink(local)
         self.urls.append(url)
         self.summary["shards"] += 1
         self.summary["bytes"] += size
         self.shard_index += 1
-        self._tar = self._tmp = None
 
     def _discard(self) -> None:
         if self._tar is not None:
@@ -247,8 +248,8 @@ def scan_index(url: str) -> ShardIndex:
     """Index a shard written by another tool by reading it once."""
     entries: dict[str, SampleEntry] = {}
     metas: dict[str, dict] = {}
-    with fsspec.open(url, "rb") as fh:
-        with tarfile.open(fileobj=fh, mode="r|") as tar:
+    with fsspec.open(url, "rb") as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+        try:
             for member in tar:
                 if not member.isfile():
                     continue
@@ -262,8 +263,10 @@ def scan_index(url: str) -> ShardIndex:
                     try:
                         meta = json.loads(tar.extractfile(member).read())
                         metas[key] = {k: v for k, v in meta.items() if k in PLANNING_KEYS}
-                    except (ValueError, UnicodeDecodeError):
+                    except (ValueError, UnicodeDecodeError, tarfile.ReadError):
                         pass
+        except tarfile.ReadError as err:  # truncated shard: keep what was indexed
+            log.warning("%s is truncated (%s); its last sample will fail to read", url, err)
     for key, meta in metas.items():
         entries[key].meta = meta
     return ShardIndex(url, list(entries.values()))

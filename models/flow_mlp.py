@@ -80,14 +80,16 @@ class FlowMLP(nn.Module):
         self.out_norm = nn.LayerNorm(hidden)
         self.out_proj = nn.Linear(hidden, cfg.data_dim)
 
-    def forward(
-        self, x_BD: torch.Tensor, t_B: torch.Tensor, cond: dict | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t_B: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+        """x: (B, D) points, or (B, ...) images flattened to D = prod(...) and reshaped back."""
+        x_BD = x.reshape(x.shape[0], -1)
         temb = self.time_mlp(timestep_embedding(t_B, self.time_embed_dim).to(x_BD.dtype))
         h = self.in_proj(x_BD)
         for block in self.blocks:
             h = block(h, temb)
-        return self.out_proj(self.out_norm(h))
+        out = self.out_proj(self.out_norm(h))
+        # a fresh tensor, not a view: FSDP2 hooks the module output for backward
+        return out if x.dim() == 2 else out.reshape(x.shape).clone()
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:

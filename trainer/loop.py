@@ -406,7 +406,7 @@ class Trainer:
                     "lower optimizer.lr, enable train.grad_clip, or check the data"
                 )
         self.counters.step += 1
-        self.counters.samples += self.cfg.train.batch_size
+        self.counters.samples += getattr(self.data, "last_global_batch", self.cfg.train.batch_size)
         return logs
 
     def evaluate(self) -> dict[str, float]:
@@ -480,7 +480,7 @@ class Trainer:
         )
         guard = PreemptionGuard().install()
         window_time = window_wait = 0.0
-        window_steps = 0
+        window_steps = window_samples = 0
         window_logs: dict[str, float] = {}
         last_ckpt_step = start_step if resumed else -1
         try:
@@ -496,7 +496,8 @@ class Trainer:
                     window_logs[key] = (
                         value if key.endswith("lr") else window_logs.get(key, 0.0) + value
                     )
-                samples_per_s = cfg.train.batch_size * window_steps / max(window_time, 1e-9)
+                window_samples += getattr(self.data, "last_global_batch", cfg.train.batch_size)
+                samples_per_s = window_samples / max(window_time, 1e-9)
                 metrics.progress(step, logs.get("loss"), samples_per_s)
                 if step % cfg.train.log_every == 0 or step == cfg.run.max_steps:
                     record = {
@@ -515,7 +516,7 @@ class Trainer:
                         record["mfu"] = achieved / (self.peak_tflops * 1e12)
                     metrics.log(record)
                     window_time = window_wait = 0.0
-                    window_steps = 0
+                    window_steps = window_samples = 0
                     window_logs = {}
                 if cfg.eval.every and step % cfg.eval.every == 0:
                     eval_logs = self.evaluate()

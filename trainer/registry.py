@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from data_pipeline import synthetic
+from data_pipeline import loader, synthetic
 from models import flow_mlp
 from trainer.config import DataSection, ModelSection, ObjectiveSection
 from trainer.objectives import rectified_flow
@@ -49,6 +49,7 @@ DATA: dict[str, DataEntry] = {
     "gaussian_mixture2d": DataEntry(
         synthetic.GaussianMixture2DConfig, synthetic.GaussianMixtureSource
     ),
+    "webdataset": DataEntry(loader.WebDatasetConfig, loader.WebDatasetSource),
 }
 
 ModelSection.REGISTRY.update({k: v.config for k, v in MODELS.items()})

@@ -233,6 +233,12 @@ def test_text_file_is_chunked_at_line_boundaries(tmp_path, capsys):
     metas = [json.loads(f["json"]) for _, f in _samples(dest)]
     assert [m["length"] for m in metas] == [len(c) for c in chunks]
 
+    exact = tmp_path / "exact.txt"  # 10-character lines fill 30-character samples exactly
+    exact.write_text("".join(f"line {i:04d}\n" for i in range(7)))
+    assert _build(capsys, exact, "--out", tmp_path / "exact", "--chars-per-sample", 30)[0] == 0
+    sizes = [len(f["txt"].decode()) for _, f in _samples(tmp_path / "exact")]
+    assert sizes == [30, 30, 10]
+
 
 def test_text_folder_keeps_documents_apart(tmp_path, capsys):
     """--kind text reads every .txt of a folder in order; no sample spans two documents."""
@@ -250,11 +256,6 @@ def test_text_folder_keeps_documents_apart(tmp_path, capsys):
     assert [s for s, _ in got] == sorted(s for s, _ in got)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build.py text_samples drops a trailing whitespace-only chunk but keeps the "
-    "same lines when they fit in the previous chunk",
-)
 def test_text_trailing_blank_lines_are_kept(tmp_path, capsys):
     """Blank lines at the end of a document are part of the text written."""
     text = "abcdefghi\n\n\n"
@@ -345,11 +346,6 @@ def test_user_mistakes_exit_2_with_one_error_line(case, image_folder, tmp_path, 
     assert not dest.exists() or not list(dest.iterdir())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build.py parse_sizes and --size accept a zero side; PIL raises ValueError "
-    "'height and width must be > 0' out of digits_samples",
-)
 @pytest.mark.parametrize("flag", [["--sizes", "0x32"], ["--size", "0"]])
 def test_zero_image_size_is_a_user_mistake(flag, tmp_path, capsys):
     """A zero width or height is reported as an error, not a traceback."""
@@ -358,11 +354,6 @@ def test_zero_image_size_is_a_user_mistake(flag, tmp_path, capsys):
     assert err.strip().splitlines()[-1].startswith("error: ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="build.py _read_manifest tests `'file' not in row` on a non-object "
-    "JSON value; an integer row raises TypeError",
-)
 def test_jsonl_manifest_row_that_is_not_an_object(image_folder, tmp_path, capsys):
     """A jsonl line that is valid JSON but not an object is a user mistake (exit 2)."""
     folder, _ = image_folder

@@ -200,11 +200,6 @@ def test_exception_in_block_publishes_nothing_in_progress(tmp_path, monkeypatch)
     assert list(tmp.iterdir()) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ShardWriter._discard unlinks the temp file that _flush already removed, so a "
-    "FileNotFoundError about /tmp/tmpXXXX.tar masks the upload error",
-)
 def test_failed_roll_reports_the_upload_error(tmp_path):
     """When publishing fails while rolling to the next shard, the caller sees that error."""
     blocker = tmp_path / "file"
