@@ -1,0 +1,66 @@
+"""The autoencoder interface diffusion models train in the latent space of.
+
+``encode`` maps images in [-1, 1] (B, 3, H, W) to *normalised* latents
+(B, C, H/f, W/f): ``(raw - shift) * scale``, so latents have roughly unit variance;
+``decode`` inverts it. Trained VAEs / DC-AEs implement the same interface; the identity
+autoencoder below is pixel-space training (f = 1, C = 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainer.configlib import option
+
+
+@dataclass(kw_only=True)
+class IdentityAutoencoderConfig:
+    name: str = option("identity", "Autoencoder: 'identity' trains in pixel space.")
+    scale: float = option(1.0, "Latent scale: latents = (pixels - shift) * scale.", gt=0)
+    shift: float = option(0.0, "Latent shift.")
+
+
+class Autoencoder(nn.Module):
+    """Base: frozen, with latent normalisation by (shift, scale)."""
+
+    latent_channels: int = 3
+    downsample: int = 1
+
+    def __init__(self, scale: float = 1.0, shift: float = 0.0):
+        super().__init__()
+        self.scale = scale
+        self.shift = shift
+
+    def encode_raw(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def decode_raw(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def encode(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        return (self.encode_raw(images_BCHW) - self.shift) * self.scale
+
+    @torch.no_grad()
+    def decode(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.decode_raw(latents_BCHW / self.scale + self.shift)
+
+    def latent_shape(self, channels: int, height: int, width: int) -> tuple[int, int, int]:
+        return (self.latent_channels, height // self.downsample, width // self.downsample)
+
+
+class IdentityAutoencoder(Autoencoder):
+    def encode_raw(self, images_BCHW: torch.Tensor) -> torch.Tensor:
+        return images_BCHW
+
+    def decode_raw(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
+        return latents_BCHW
+
+
+def build_autoencoder(cfg: IdentityAutoencoderConfig) -> Autoencoder:
+    if cfg.name == "identity":
+        return IdentityAutoencoder(cfg.scale, cfg.shift).eval().requires_grad_(False)
+    raise ValueError(f"unknown autoencoder {cfg.name!r}")
