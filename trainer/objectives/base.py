@@ -67,6 +67,19 @@ class Objective:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
+    def condition(self, modules: dict[str, nn.Module], batch: dict[str, Any], *, training: bool) -> dict[str, torch.Tensor] | None:
+        """Conditioning for the network, or None for unconditional models.
+
+        When the objective owns a frozen ``conditioner`` module (text encoders and their
+        projections), it turns the batch (captions, or precomputed embeddings) into the
+        network's ``cond`` dict; with ``training`` it also applies the per-encoder
+        condition dropout used for classifier-free guidance.
+        """
+        conditioner = modules.get("conditioner")
+        if conditioner is None:
+            return None
+        return conditioner(batch, training=training)
+
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         return {}
 
