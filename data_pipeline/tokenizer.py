@@ -61,7 +61,7 @@ class Tokenizer:
         self._proto = bytes(model_proto)
         try:
             self._sp = spm.SentencePieceProcessor(model_proto=self._proto)
-        except (RuntimeError, TypeError) as err:
+        except (RuntimeError, TypeError):
             raise TokenizerError(f"{source} is not a sentencepiece model") from None
 
     @classmethod
@@ -118,7 +118,9 @@ class Tokenizer:
         """The id of a whole piece such as ``"[MASK]"``; KeyError when it is not one."""
         token_id = self._sp.piece_to_id(piece)
         if token_id == self._sp.unk_id() and piece != self._sp.id_to_piece(token_id):
-            raise KeyError(f"{piece!r} is not a piece of {self.source}; reserve it at training time")
+            raise KeyError(
+                f"{piece!r} is not a piece of {self.source}; reserve it at training time"
+            )
         return token_id
 
     def piece(self, token_id: int) -> str:
@@ -241,7 +243,9 @@ def _shard_sentences(url: str, summary: TrainSummary) -> Iterator[str]:
             try:
                 yield from _lines(text.decode("utf-8"))
             except UnicodeDecodeError:
-                raise TokenizerError(f"{url}: sample {entry.key} has a txt that is not UTF-8") from None
+                raise TokenizerError(
+                    f"{url}: sample {entry.key} has a txt that is not UTF-8"
+                ) from None
 
 
 def _sentences(sources: list[_Source], summary: TrainSummary, progress: bool) -> Iterator[str]:
@@ -309,7 +313,9 @@ def _reservoir(sentences: Iterator[str], size: int, seed: int) -> list[str]:
 # ------------------------------------------------------------------------------ training
 def _vocab_text(tokenizer: Tokenizer) -> str:
     sp = tokenizer._sp
-    return "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i) + 0.0:g}\n" for i in range(sp.get_piece_size()))
+    return "".join(
+        f"{sp.id_to_piece(i)}\t{sp.get_score(i) + 0.0:g}\n" for i in range(sp.get_piece_size())
+    )
 
 
 def _write_atomic(url: str, data: bytes) -> None:
@@ -429,9 +435,13 @@ def _parser() -> argparse.ArgumentParser:
         required=True,
         help=".txt file, .tar shard, brace pattern, folder or fsspec prefix (repeatable)",
     )
-    train.add_argument("--out", required=True, help="output prefix: writes PREFIX.model, PREFIX.vocab")
+    train.add_argument(
+        "--out", required=True, help="output prefix: writes PREFIX.model, PREFIX.vocab"
+    )
     train.add_argument("--vocab-size", type=int, required=True, help="pieces in the vocabulary")
-    train.add_argument("--model-type", choices=MODEL_TYPES, default="unigram", help="default unigram")
+    train.add_argument(
+        "--model-type", choices=MODEL_TYPES, default="unigram", help="default unigram"
+    )
     train.add_argument(
         "--user-symbols",
         nargs="*",
@@ -442,7 +452,10 @@ def _parser() -> argparse.ArgumentParser:
         "--character-coverage", type=float, default=1.0, help="share of characters covered"
     )
     train.add_argument(
-        "--max-sentences", type=int, default=None, help="train on a seeded sample of this many lines"
+        "--max-sentences",
+        type=int,
+        default=None,
+        help="train on a seeded sample of this many lines",
     )
     train.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     encode = sub.add_parser("encode", help="print the ids of a text")
