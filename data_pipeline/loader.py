@@ -106,13 +106,6 @@ class WebDatasetConfig:
         for i, (w, h) in enumerate(self.resolutions):
             if w < 1 or h < 1:
                 out.append((f"resolutions[{i}]", f"[{w}, {h}] must be positive"))
-        if self.kind == "latents" and "resolutions" in given and len(self.resolutions) > 1:
-            out.append(
-                (
-                    "resolutions",
-                    "latent shards are batched by their stored shape; multiple resolutions have no effect",
-                )
-            )
         return out
 
 
@@ -404,6 +397,23 @@ class WebDatasetSource:
         entry = self.indexes[shard].samples[position]
         fields = parse_sample(self._read_bytes(shard, entry.offset, entry.size))
         return tuple(_npy(fields["latent.npy"]).shape)
+
+    def eval_prompts(self, count: int) -> list[str]:
+        """``count`` prompts for evaluation samples: the dataset's distinct captions among
+        its first samples (sorted, cycled), read once and cached."""
+        if getattr(self, "_eval_captions", None) is None:
+            captions: set[str] = set()
+            for shard, index in enumerate(self.indexes[:4]):
+                for entry in index.samples[:256]:
+                    try:
+                        fields = parse_sample(self._read_bytes(shard, entry.offset, entry.size))
+                        captions.add(fields[self.cfg.caption_key].decode("utf-8"))
+                    except Exception:  # noqa: BLE001 - a corrupt sample just gives no prompt
+                        continue
+            if not captions:
+                raise DataError("no captions found for evaluation prompts")
+            self._eval_captions = sorted(captions)
+        return [self._eval_captions[i % len(self._eval_captions)] for i in range(count)]
 
     def evaluate_samples(
         self, samples: np.ndarray, out_dir: Path | None, step: int

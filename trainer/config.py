@@ -235,13 +235,16 @@ class EvalConfig:
     )
     num_samples: int = option(1000, "Samples drawn per evaluation.", ge=1)
     sample_steps: int = option(32, "Sampler steps per evaluation sample.", ge=1)
+    guidance: float = option(
+        4.0, "Classifier-free guidance scale of evaluation samples (text-conditioned models).", ge=0
+    )
     use_ema: bool = option(True, "Evaluate the EMA weights when an EMA is kept.")
 
     def check(self, given: set[str]) -> list[tuple[str, str]]:
         if self.every == 0:
             return [
                 (k, "has no effect when eval.every is 0")
-                for k in ("num_samples", "sample_steps", "use_ema")
+                for k in ("num_samples", "sample_steps", "use_ema", "guidance")
                 if k in given
             ]
         return []
@@ -285,6 +288,19 @@ class Config:
                 (
                     "cluster.num_workers",
                     "parallel.backend 'none' runs one rank; use fsdp2 for several",
+                )
+            )
+        conditioning = getattr(self.objective, "conditioning", None)
+        model_context = getattr(self.model, "context_dim", None)
+        if (
+            conditioning is not None
+            and model_context is not None
+            and conditioning.context_dim != model_context
+        ):
+            out.append(
+                (
+                    "model.context_dim",
+                    f"{model_context} differs from objective.conditioning.context_dim ({conditioning.context_dim})",
                 )
             )
         mb = self.train.micro_batch_size

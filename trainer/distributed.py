@@ -64,3 +64,20 @@ def any_rank(flag: bool, device: torch.device) -> bool:
 def close() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def all_nanmean(sums: dict[str, list[float]], device: torch.device) -> dict[str, float]:
+    """{key: [sum, count]} per rank -> {key: global mean, NaN where no rank had data}.
+
+    One collective for all keys; every rank must pass the same keys (objectives report
+    a fixed key set and use NaN for "no data").
+    """
+    keys = sorted(sums)
+    if not keys:
+        return {}
+    t = torch.tensor([[sums[k][0], sums[k][1]] for k in keys], dtype=torch.float64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return {
+        k: (float(t[i, 0] / t[i, 1]) if t[i, 1] > 0 else float("nan")) for i, k in enumerate(keys)
+    }

@@ -231,6 +231,8 @@ class Trainer:
             self.optimizers[name] = make_optimizer(module.parameters(), opt_cfg, self.device)
         else:
             module.requires_grad_(False).eval()
+            if self.cfg.parallel.backend == "fsdp2" and hasattr(module, "shard_for"):
+                module.shard_for(self.mesh)  # large frozen encoders: sharded like the model
         self.modules[name] = module
 
     # -------------------------------------------------------------------- checkpoints
@@ -350,7 +352,7 @@ class Trainer:
             opt = self.optimizers[phase.module]
             opt.zero_grad(set_to_none=True)
             loss_sum = torch.zeros((), device=self.device)
-            extra_sums: dict[str, float] = {}
+            extra_sums: dict[str, list[float]] = {}  # key -> [sum, count] of finite values
             for index, batch in enumerate(batches):
                 if hasattr(module, "set_requires_gradient_sync"):
                     module.set_requires_gradient_sync(index == len(batches) - 1)
@@ -359,7 +361,10 @@ class Trainer:
                 (loss / len(batches)).backward()
                 loss_sum += loss.detach().float()
                 for key, value in extra.items():
-                    extra_sums[key] = extra_sums.get(key, 0.0) + float(value) / len(batches)
+                    acc = extra_sums.setdefault(key, [0.0, 0.0])
+                    if math.isfinite(float(value)):  # NaN = "no data" (e.g. an empty time bin)
+                        acc[0] += float(value)
+                        acc[1] += 1
             clip = (
                 self.cfg.train.grad_clip if self.cfg.train.grad_clip is not None else float("inf")
             )
@@ -379,8 +384,8 @@ class Trainer:
             logs[f"{prefix}loss"] = float(loss_mean)
             logs[f"{prefix}grad_norm"] = float(grad_norm)
             logs[f"{prefix}lr"] = opt.param_groups[0]["lr"]
-            for key, value in extra_sums.items():
-                logs[f"{prefix}{key}"] = float(D.all_mean(torch.tensor(value)))
+            for key, value in D.all_nanmean(extra_sums, self.device).items():
+                logs[f"{prefix}{key}"] = value
         self._reshard()
         for scheduler in self.schedulers.values():  # every LR follows the global step
             scheduler.step()
@@ -430,6 +435,7 @@ class Trainer:
                     device=self.device,
                     rank=self.rank,
                     world_size=self.world_size,
+                    guidance=self.cfg.eval.guidance,
                 )
             )
         self.model.train(was_training)
@@ -481,7 +487,7 @@ class Trainer:
         guard = PreemptionGuard().install()
         window_time = window_wait = 0.0
         window_steps = window_samples = 0
-        window_logs: dict[str, float] = {}
+        window_logs: dict[str, list[float]] = {}  # key -> [sum, count] over the window
         last_ckpt_step = start_step if resumed else -1
         try:
             while self.counters.step < cfg.run.max_steps:
@@ -493,9 +499,14 @@ class Trainer:
                 window_wait += logs.pop("data_wait_s")
                 window_steps += 1
                 for key, value in logs.items():  # mean over the logging window (last LR)
-                    window_logs[key] = (
-                        value if key.endswith("lr") else window_logs.get(key, 0.0) + value
-                    )
+                    if key.endswith("lr"):
+                        window_logs[key] = [value, 1]
+                    elif math.isfinite(value):
+                        acc = window_logs.setdefault(key, [0.0, 0])
+                        acc[0] += value
+                        acc[1] += 1
+                    else:
+                        window_logs.setdefault(key, [0.0, 0])
                 window_samples += getattr(self.data, "last_global_batch", cfg.train.batch_size)
                 samples_per_s = window_samples / max(window_time, 1e-9)
                 metrics.progress(step, logs.get("loss"), samples_per_s)
@@ -503,8 +514,8 @@ class Trainer:
                     record = {
                         "step": step,
                         **{
-                            k: (v if k.endswith("lr") else v / window_steps)
-                            for k, v in window_logs.items()
+                            k: (total / n if n else float("nan"))
+                            for k, (total, n) in window_logs.items()
                         },
                         "samples_per_s": samples_per_s,
                         "data_wait_frac": window_wait / max(window_time, 1e-9),

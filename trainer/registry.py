@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from data_pipeline import loader, synthetic
-from models import flow_mlp
+from models import flow_mlp, mmdit
 from trainer.config import DataSection, ModelSection, ObjectiveSection
 from trainer.objectives import rectified_flow
 
@@ -39,6 +39,7 @@ class DataEntry:
 
 MODELS: dict[str, ModelFamily] = {
     "flow_mlp": ModelFamily(flow_mlp.FlowMLPConfig, flow_mlp.build, flow_mlp.parallelize),
+    "mmdit": ModelFamily(mmdit.MMDiTConfig, mmdit.build, mmdit.parallelize),
 }
 OBJECTIVES: dict[str, ObjectiveEntry] = {
     "rectified_flow": ObjectiveEntry(

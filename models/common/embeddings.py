@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 
 def timestep_embedding(
@@ -24,3 +25,68 @@ def timestep_embedding(
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
     return emb
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(N,) positions -> (N, dim) as [sin(p w), cos(p w)], w_i = 10000^(-i / (dim/2))."""
+    omega = torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0)
+    omega = 1.0 / 10000**omega
+    out = positions.reshape(-1).double()[:, None] * omega[None]
+    return torch.cat([torch.sin(out), torch.cos(out)], dim=1).float()
+
+
+def sincos_2d_grid(dim: int, grid_size: int, base_size: int) -> torch.Tensor:
+    """(grid_size * grid_size, dim) 2-D sin-cos embedding of a square grid (row-major),
+    positions scaled so that ``base_size`` patches span the same range at any grid size.
+    Half the channels encode the column, half the row (the SD3 / DiT layout)."""
+    coords = torch.arange(grid_size, dtype=torch.float32) / (grid_size / base_size)
+    cols, rows = torch.meshgrid(coords, coords, indexing="xy")
+    return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    """Non-overlapping p x p patches -> tokens, plus a 2-D sin-cos position embedding
+    center-cropped from a ``max_grid`` x ``max_grid`` table, so any resolution (aspect
+    bucket) up to max_grid * p pixels per side gets consistent positions."""
+
+    def __init__(self, in_channels: int, dim: int, patch_size: int, max_grid: int, base_grid: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.max_grid = max_grid
+        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
+        self.register_buffer("pos_table", sincos_2d_grid(dim, max_grid, base_grid)[None], persistent=False)
+        self._table_args = (dim, max_grid, base_grid)
+
+    def reset_pos_table(self) -> None:
+        """Recompute the table (it is not a parameter; after meta-device builds)."""
+        self.pos_table = sincos_2d_grid(*self._table_args)[None].to(self.proj.weight.device)
+
+    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
+        rows, cols = x_BCHW.shape[-2] // self.patch_size, x_BCHW.shape[-1] // self.patch_size
+        if rows > self.max_grid or cols > self.max_grid:
+            raise ValueError(f"{rows}x{cols} patches exceed the position table ({self.max_grid} per side)")
+        tokens_BND = self.proj(x_BCHW).flatten(2).transpose(1, 2)
+        top, left = (self.max_grid - rows) // 2, (self.max_grid - cols) // 2
+        table = self.pos_table.reshape(1, self.max_grid, self.max_grid, -1)[:, top : top + rows, left : left + cols]
+        return (tokens_BND + table.reshape(1, rows * cols, -1)).to(tokens_BND.dtype)
+
+
+def unpatchify(tokens_BND: torch.Tensor, patch_size: int, channels: int, rows: int, cols: int) -> torch.Tensor:
+    """(B, rows*cols, p*p*C) -> (B, C, rows*p, cols*p)."""
+    b = tokens_BND.shape[0]
+    x = tokens_BND.reshape(b, rows, cols, patch_size, patch_size, channels)
+    x = torch.einsum("nhwpqc->nchpwq", x)
+    return x.reshape(b, channels, rows * patch_size, cols * patch_size)
+
+
+class TimestepMLP(nn.Module):
+    """Sinusoidal embedding of t in [0, 1] (x1000, cos first) -> MLP -> (B, dim)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.linear_1 = nn.Linear(freq_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, t_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.linear_2(nn.functional.silu(self.linear_1(timestep_embedding(t_B, self.freq_dim).to(dtype))))

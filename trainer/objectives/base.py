@@ -51,6 +51,7 @@ class EvalContext:
     device: torch.device
     rank: int
     world_size: int
+    guidance: float = 1.0
 
 
 class Objective:
@@ -67,18 +68,20 @@ class Objective:
     ) -> tuple[torch.Tensor, dict[str, float]]:
         raise NotImplementedError
 
-    def condition(self, modules: dict[str, nn.Module], batch: dict[str, Any], *, training: bool) -> dict[str, torch.Tensor] | None:
+    def condition(
+        self, modules: dict[str, nn.Module], batch: dict[str, Any], *, training: bool, step: int = 0
+    ) -> dict[str, torch.Tensor] | None:
         """Conditioning for the network, or None for unconditional models.
 
         When the objective owns a frozen ``conditioner`` module (text encoders and their
-        projections), it turns the batch (captions, or precomputed embeddings) into the
+        assembly), it turns the batch (captions, or precomputed embeddings) into the
         network's ``cond`` dict; with ``training`` it also applies the per-encoder
-        condition dropout used for classifier-free guidance.
+        condition dropout used for classifier-free guidance, drawn from (step, sample).
         """
         conditioner = modules.get("conditioner")
         if conditioner is None:
             return None
-        return conditioner(batch, training=training)
+        return conditioner(batch, training=training, step=step)
 
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         return {}

@@ -1,0 +1,180 @@
+"""``python -m trainer.sample --run RUN_DIR [--step N] --prompts "..." [--prompts-file F]
+--num-per-prompt K --steps S --cfg W --seed X --out OUT_DIR``
+
+Load a run's (EMA) weights from its checkpoint in one process and sample with the run's
+objective (sampler, shift, autoencoder, text conditioner, classifier-free guidance).
+Writes ``OUT_DIR/samples.npz`` (``images``: uint8 N x H x W x C; ``prompts``: one string
+per image) and ``OUT_DIR/grid.png`` (one row per prompt). Unconditional models take
+``--num K`` instead of prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+
+class SampleError(RuntimeError):
+    """A user mistake: no run there, no checkpoint, prompts missing."""
+
+
+def _image_shape(cfg, height: int | None, width: int | None) -> tuple[int, int, int]:
+    data = cfg.data
+    if height is None or width is None:
+        resolutions = getattr(data, "resolutions", None)
+        if not resolutions:
+            raise SampleError(
+                "pass --height and --width (the run's data section has no resolutions)"
+            )
+        width, height = (width or resolutions[0][0]), (height or resolutions[0][1])
+    channels = getattr(cfg.model, "in_channels", 3)
+    autoencoder = getattr(cfg.objective, "autoencoder", None)
+    if autoencoder is not None:
+        from models.autoencoder import build_autoencoder
+
+        return build_autoencoder(autoencoder).latent_shape(3, height, width)
+    return (channels, height, width)
+
+
+def load_run(run_dir: Path, step: int | None, weights: str | None, device: torch.device):
+    """The run's config, model with checkpoint weights, objective, and the step loaded."""
+    from trainer.config import config_from_dict
+    from trainer.export import ExportError, consolidated_state_dict
+    from trainer.registry import MODELS, OBJECTIVES
+
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise SampleError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = config_from_dict(yaml.safe_load(config_path.read_text()), source=str(config_path))
+    root = cfg.checkpoint.dir or str(run_dir / "checkpoints")
+    try:
+        if weights is None:
+            try:
+                state, loaded = consolidated_state_dict(root, step, "ema")
+            except ExportError:
+                state, loaded = consolidated_state_dict(root, step, "model")
+        else:
+            state, loaded = consolidated_state_dict(root, step, weights)
+    except ExportError as err:
+        raise SampleError(str(err)) from None
+    model = MODELS[cfg.model.name].build(cfg.model)
+    model.load_state_dict(state)
+    model.to(device).eval()
+    objective = OBJECTIVES[cfg.objective.name].build(
+        cfg.objective, seed=cfg.run.seed, rank=0, device=device
+    )
+    return cfg, model, objective, loaded
+
+
+def to_uint8_images(samples_NCHW: np.ndarray) -> np.ndarray:
+    """[-1, 1] -> uint8 N x H x W x C."""
+    return (
+        ((np.clip(samples_NCHW, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.sample", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--run", type=Path, required=True, help="run directory (holds config.yaml)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument(
+        "--weights", choices=["ema", "model"], default=None, help="default: EMA when saved"
+    )
+    parser.add_argument(
+        "--prompts", nargs="*", default=[], help="prompts (text-conditioned models)"
+    )
+    parser.add_argument("--prompts-file", type=Path, default=None, help="one prompt per line")
+    parser.add_argument("--num-per-prompt", type=int, default=1)
+    parser.add_argument("--num", type=int, default=None, help="samples of an unconditional model")
+    parser.add_argument("--steps", type=int, default=28, help="sampler steps")
+    parser.add_argument("--cfg", type=float, default=4.0, help="classifier-free guidance scale")
+    parser.add_argument(
+        "--sampler", default=None, help="override the run's sampler (euler, heun, ...)"
+    )
+    parser.add_argument(
+        "--no-t5", action="store_true", help="leave the T5 condition out (SD3 allows it)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except SampleError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from data_pipeline.loader import save_grid
+
+    prompts = list(args.prompts)
+    if args.prompts_file is not None:
+        if not args.prompts_file.is_file():
+            raise SampleError(f"--prompts-file {args.prompts_file} does not exist")
+        prompts += [
+            line.strip() for line in args.prompts_file.read_text().splitlines() if line.strip()
+        ]
+    if args.num_per_prompt < 1 or args.steps < 1:
+        raise SampleError("--num-per-prompt and --steps must be >= 1")
+    device = torch.device(args.device)
+    cfg, model, objective, step = load_run(args.run, args.step, args.weights, device)
+    conditional = getattr(objective, "conditioner", None) is not None
+    if conditional and not prompts:
+        raise SampleError("this model is text-conditioned: give --prompts or --prompts-file")
+    if not conditional:
+        if prompts:
+            raise SampleError("this model is unconditional: use --num instead of prompts")
+        if not args.num:
+            raise SampleError("give --num for an unconditional model")
+    expanded = [p for p in prompts for _ in range(args.num_per_prompt)] if conditional else None
+    count = len(expanded) if conditional else args.num
+    shape = _image_shape(cfg, args.height, args.width)
+    gen = torch.Generator().manual_seed(args.seed)
+    noise = torch.randn((count, *shape), generator=gen).to(device)
+    from tqdm import tqdm
+
+    batch = 64
+    outs = []
+    for start in tqdm(range(0, count, batch), desc="sample", unit="batch", file=sys.stderr):
+        part = slice(start, start + batch)
+        outs.append(
+            objective.generate(
+                {"model": model},
+                noise[part],
+                steps=args.steps,
+                prompts=expanded[part] if conditional else None,
+                guidance=args.cfg,
+                sampler=args.sampler,
+                drop_t5=args.no_t5,
+            )
+            .float()
+            .cpu()
+        )
+    samples = torch.cat(outs).numpy()
+    images = to_uint8_images(samples)
+    args.out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    labels = np.array(expanded if conditional else [""] * count)
+    np.savez(buf, images=images, prompts=labels)
+    tmp = args.out / "samples.npz.tmp"
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, args.out / "samples.npz")
+    save_grid(samples, args.out / "grid.png", columns=args.num_per_prompt if conditional else None)
+    print(f"wrote {count} samples of step {step} to {args.out}/samples.npz and grid.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
