@@ -26,7 +26,8 @@ def test_core_modules_do_not_import_heavy_dependencies():
         "import trainer.launch, trainer.loop, trainer.config, trainer.checkpoint, trainer.export\n"
         "import models.flow_mlp, data_pipeline.synthetic, cluster.env\n"
         "import data_pipeline.tokenizer, data_pipeline.text_encoders, data_pipeline.loader\n"
-        "import data_pipeline.build, data_pipeline.shards, models.autoencoder\n"
+        "import data_pipeline.build, data_pipeline.shards, models.autoencoder, data_pipeline.precompute\n"
+        "import trainer.sample, trainer.objectives.conditioning, models.mmdit\n"
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     proc = subprocess.run(
