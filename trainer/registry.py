@@ -13,7 +13,7 @@ from typing import Any
 from data_pipeline import loader, synthetic
 from models import flow_mlp, mmdit
 from trainer.config import DataSection, ModelSection, ObjectiveSection
-from trainer.objectives import rectified_flow
+from trainer.objectives import ddpm, rectified_flow
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,7 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
     "rectified_flow": ObjectiveEntry(
         rectified_flow.RectifiedFlowConfig, rectified_flow.RectifiedFlow
     ),
+    "ddpm": ObjectiveEntry(ddpm.DDPMConfig, ddpm.DDPM),
 }
 DATA: dict[str, DataEntry] = {
     "gaussian_mixture2d": DataEntry(

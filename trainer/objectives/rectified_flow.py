@@ -14,15 +14,14 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
-from models.autoencoder import IdentityAutoencoderConfig, build_autoencoder
+from models.autoencoder import IdentityAutoencoderConfig
 from trainer.configlib import option
-from trainer.objectives.base import EvalContext, ExtraModule, Objective
-from trainer.objectives.conditioning import ConditioningConfig, TextConditioner
-from trainer.samplers.flow import SAMPLERS, shifted_timesteps, with_guidance
+from trainer.objectives.conditioning import ConditioningConfig
+from trainer.objectives.latent import LatentObjective
+from trainer.samplers.flow import SAMPLERS, shifted_timesteps
 
 
 def sample_seed(seed: int, step: int, index: int) -> int:
@@ -38,7 +37,9 @@ class RectifiedFlowConfig:
     )
     logit_mean: float = option(0.0, "Mean m of logit-normal t sampling.")
     logit_std: float = option(1.0, "Std s of logit-normal t sampling.", gt=0)
-    mode_scale: float = option(1.29, "Scale s of mode sampling (SD3 paper).", ge=-1, le=2)
+    mode_scale: float = option(
+        1.29, "Scale s of mode sampling (SD3 paper); monotone up to 2/(pi-2).", ge=-1, le=1.752
+    )
     shift: float = option(
         1.0, "Time shift s (t' = s t / (1 + (s-1) t)) for training and sampling.", gt=0
     )
@@ -76,28 +77,15 @@ class RectifiedFlowConfig:
         return out
 
 
-class RectifiedFlow(Objective):
+class RectifiedFlow(LatentObjective):
     def __init__(self, cfg: RectifiedFlowConfig, *, seed: int, rank: int, device: torch.device):
         from trainer.objectives import schedules
 
+        super().__init__(cfg, seed=seed, device=device)
         self.schedules = schedules
-        self.cfg = cfg
-        self.device = device
-        self.seed = seed
         # Without sample indices in the batch, noise comes from a per-rank generator
         # whose state is checkpointed, so a resumed run draws what it would have drawn.
         self.generator = torch.Generator(device="cpu").manual_seed(seed * 1000 + 17 + rank)
-        self.autoencoder = (
-            build_autoencoder(cfg.autoencoder) if cfg.autoencoder is not None else None
-        )
-        self.conditioner = (
-            TextConditioner(cfg.conditioning, seed) if cfg.conditioning is not None else None
-        )
-
-    def extra_modules(self) -> dict[str, ExtraModule]:
-        if self.conditioner is None:
-            return {}
-        return {"conditioner": ExtraModule(self.conditioner, trainable=False)}
 
     # --------------------------------------------------------------------- time
     def shift_for(self, x0: torch.Tensor) -> float:
@@ -140,12 +128,6 @@ class RectifiedFlow(Objective):
         return torch.stack(eps), torch.cat(times)
 
     # --------------------------------------------------------------------- loss
-    def to_latents(self, batch: dict[str, Any]) -> torch.Tensor:
-        x = batch["x"].to(self.device)
-        if self.autoencoder is not None:
-            x = self.autoencoder.to(self.device).encode(x)
-        return x
-
     def loss(self, phase: str, modules: dict[str, nn.Module], batch: dict[str, Any], step: int):
         x0 = self.to_latents(batch)
         shift = self.shift_for(x0)
@@ -155,7 +137,7 @@ class RectifiedFlow(Objective):
         t = t_B.view(-1, *([1] * (x0.dim() - 1)))
         x_t = (1 - t) * x0 + t * eps
         cond = self.condition(modules, batch, training=True, step=step)
-        pred = modules["model"](x_t, t_B, cond) if cond is not None else modules["model"](x_t, t_B)
+        pred = self.call_model(modules["model"], x_t, t_B, cond)
         per_sample = (pred.float() - (eps - x0).float()).pow(2).flatten(1).mean(1)
         if self.cfg.loss_weighting != "none":
             per_sample = per_sample * self.schedules.rf_loss_weight(
@@ -169,54 +151,11 @@ class RectifiedFlow(Objective):
         return per_sample.mean(), logs
 
     # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def generate(
-        self,
-        modules: dict[str, nn.Module],
-        noise: torch.Tensor,
-        *,
-        steps: int,
-        prompts: list[str] | None = None,
-        guidance: float = 1.0,
-        sampler: str | None = None,
-        drop_t5: bool = False,
+    def integrate(
+        self, model_fn, noise: torch.Tensor, steps: int, sampler: str | None
     ) -> torch.Tensor:
-        """Noise (B, ...) -> samples in data space (decoded by the autoencoder), with CFG."""
-        model = modules["model"]
-        shift = self.shift_for(noise)
-        timesteps = shifted_timesteps(steps, shift, device=noise.device)
-        if self.conditioner is not None:
-            if prompts is None or len(prompts) != noise.shape[0]:
-                raise ValueError("a text-conditioned model needs one prompt per sample")
-            cond, uncond = self.conditioner.for_prompts(prompts, noise.device, drop_t5=drop_t5)
-            velocity = with_guidance(
-                lambda x, t: model(x, t, cond).float(),
-                lambda x, t: model(x, t, uncond).float(),
-                guidance,
-            )
-        else:
-            velocity = lambda x, t: model(x, t).float()  # noqa: E731
-        samples = SAMPLERS[sampler or self.cfg.sampler](velocity, noise, timesteps)
-        if self.autoencoder is not None:
-            samples = self.autoencoder.to(noise.device).decode(samples)
-        return samples
-
-    @torch.no_grad()
-    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
-        gen = torch.Generator(device="cpu").manual_seed(1234)
-        shape = ctx.data.sample_shape()
-        if self.autoencoder is not None and len(shape) == 3:
-            shape = self.autoencoder.latent_shape(*shape)
-        noise = torch.randn((ctx.num_samples, *shape), generator=gen).to(ctx.device)
-        prompts = ctx.data.eval_prompts(ctx.num_samples) if self.conditioner is not None else None
-        samples = self.generate(
-            ctx.modules, noise, steps=ctx.sample_steps, prompts=prompts, guidance=ctx.guidance
-        )
-        if ctx.rank != 0:
-            return {}
-        return ctx.data.evaluate_samples(
-            samples.cpu().numpy().astype(np.float32), ctx.out_dir, ctx.step
-        )
+        timesteps = shifted_timesteps(steps, self.shift_for(noise), device=noise.device)
+        return SAMPLERS[sampler or self.cfg.sampler](model_fn, noise, timesteps)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
