@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # pip prints a warning per package for the machine's optional local indexes; hide only those
-QUIET_PIP := grep -v "is ignored: it is neither a file nor a directory" || true
+QUIET_PIP := sed "/is ignored: it is neither a file nor a directory/d"
 
 .PHONY: install demo test lint format clean
 
@@ -22,10 +22,24 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
-demo: $(STAMP)
-	$(PY) -m trainer.launch recipes/flow2d.yaml --fresh
-	$(PY) -m trainer.plot runs/flow2d
-	@echo "samples: runs/flow2d/samples/   loss curve: runs/flow2d/loss.png   metrics: runs/flow2d/metrics.jsonl"
+DIGITS := data/digits16/shard-000000.tar.index.json
+TOKENIZER := data/tokenizer/captions.model
+DEMO_RUN := runs/tiny/sd3_like
+DEMO_STEPS ?= 1000
+DIGIT_PROMPTS := $(foreach d,zero one two three four five six seven eight nine,"a photo of the digit $(d)")
+
+$(DIGITS): | $(STAMP)
+	$(PY) -m data_pipeline.build builtin:digits --out data/digits16 --size 16 --shard-size 300
+
+$(TOKENIZER): $(DIGITS)
+	$(PY) -m data_pipeline.tokenizer train --input data/digits16 --out data/tokenizer/captions --vocab-size 40 --model-type bpe
+
+# The main job, shrunk to 2 CPU cores: the SD3-like recipe's tiny twin on digit shards.
+demo: $(STAMP) $(TOKENIZER)
+	OMP_NUM_THREADS=1 $(PY) -m trainer.launch recipes/tiny/sd3_like.yaml run.max_steps=$(DEMO_STEPS) --fresh
+	$(PY) -m trainer.sample --run $(DEMO_RUN) --prompts $(DIGIT_PROMPTS) --num-per-prompt 8 --steps 20 --cfg 3 --out $(DEMO_RUN)/demo_samples
+	$(PY) -m trainer.plot $(DEMO_RUN)
+	@echo "samples: $(DEMO_RUN)/demo_samples/grid.png (a row per digit)   loss: $(DEMO_RUN)/loss.png   metrics: $(DEMO_RUN)/metrics.jsonl"
 
 test: $(STAMP)
 	$(PY) -m ruff check .
@@ -41,4 +55,4 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs data .pytest_cache
