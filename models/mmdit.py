@@ -9,6 +9,10 @@ Interface: ``forward(x, t, cond)`` with x (B, C, H, W), t (B,) in [0, 1] (0 data
 noise) and cond = {"context": (B, L, context_dim), "pooled": (B, pooled_dim)}; returns
 (B, C, H, W) (velocity for rectified flow, eps / v for the DDPM family).
 
+Computes the same function as diffusers' ``SD3Transformer2DModel`` (bit-identical in
+fp32; diffusers takes timestep = 1000 t): ``models/mmdit_diffusers.py`` converts weights
+both ways and ``tests/models/test_mmdit.py`` checks the outputs.
+
 Shapes: B batch, N image tokens, L text tokens, D width, C channels.
 """
 
@@ -46,13 +50,23 @@ class MMDiTConfig:
     in_channels: int = option(16, "Channels of the (latent) image.", ge=1)
     patch_size: int = option(2, "Patch side in (latent) pixels.", ge=1)
     context_dim: int = option(4096, "Width of the text token sequence (T5 / padded CLIP).", ge=1)
-    pooled_dim: int = option(2048, "Width of the pooled text vector (CLIP-L + CLIP-G pooled).", ge=1)
-    pos_max_grid: int = option(96, "Side of the position table in patches (largest image: pos_max_grid * patch_size).", ge=1)
+    pooled_dim: int = option(
+        2048, "Width of the pooled text vector (CLIP-L + CLIP-G pooled).", ge=1
+    )
+    pos_max_grid: int = option(
+        96,
+        "Side of the position table in patches (largest image: pos_max_grid * patch_size).",
+        ge=1,
+    )
     pos_base_grid: int = option(64, "Patches per side that span the base position range.", ge=1)
     qk_norm: bool = option(True, "Per-head RMS norm of queries and keys (stabilises large models).")
     mlp_ratio: float = option(4.0, "MLP hidden width / model width.", gt=0)
-    sample_size: int = option(128, "Typical (latent) image side, used to report FLOPs per sample for MFU.", ge=1)
-    text_tokens: int = option(333, "Typical text tokens per sample (77 CLIP + 256 T5), for FLOPs per sample.", ge=1)
+    sample_size: int = option(
+        128, "Typical (latent) image side, used to report FLOPs per sample for MFU.", ge=1
+    )
+    text_tokens: int = option(
+        333, "Typical text tokens per sample (77 CLIP + 256 T5), for FLOPs per sample.", ge=1
+    )
 
     def dims(self) -> dict[str, int]:
         dims = dict(PRESETS[self.size])
@@ -75,7 +89,9 @@ class FeedForward(nn.Module):
 class JointBlock(nn.Module):
     """One MMDiT block: per-stream adaLN-zero, joint attention, per-stream MLP."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qk_norm: bool, context_pre_only: bool):
+    def __init__(
+        self, dim: int, num_heads: int, mlp_hidden: int, qk_norm: bool, context_pre_only: bool
+    ):
         super().__init__()
         self.context_pre_only = context_pre_only
         self.norm = layer_norm(dim)
@@ -91,7 +107,9 @@ class JointBlock(nn.Module):
             self.c_out = nn.Linear(dim, dim)
             self.c_mlp = FeedForward(dim, mlp_hidden)
 
-    def forward(self, x_BND: torch.Tensor, c_BLD: torch.Tensor, vec_BD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, x_BND: torch.Tensor, c_BLD: torch.Tensor, vec_BD: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.x_mod(vec_BD)
         x_in = modulate(self.norm(x_BND), shift_a, scale_a)
         if self.context_pre_only:
@@ -99,13 +117,16 @@ class JointBlock(nn.Module):
         else:
             c_shift_a, c_scale_a, c_gate_a, c_shift_m, c_scale_m, c_gate_m = self.c_mod(vec_BD)
         c_in = modulate(self.norm(c_BLD), c_shift_a, c_scale_a)
-        x_attn, c_attn = joint_attention([self.x_qkv(x_in), self.c_qkv(c_in)])  # image first, then text
+        # image tokens first, then text (diffusers' order; attention itself is order-free)
+        x_attn, c_attn = joint_attention([self.x_qkv(x_in), self.c_qkv(c_in)])
         x_BND = x_BND + gate_a[:, None] * self.x_out(x_attn)
         x_BND = x_BND + gate_m[:, None] * self.x_mlp(modulate(self.norm(x_BND), shift_m, scale_m))
         if self.context_pre_only:
             return x_BND, None
         c_BLD = c_BLD + c_gate_a[:, None] * self.c_out(c_attn)
-        c_BLD = c_BLD + c_gate_m[:, None] * self.c_mlp(modulate(self.norm(c_BLD), c_shift_m, c_scale_m))
+        c_BLD = c_BLD + c_gate_m[:, None] * self.c_mlp(
+            modulate(self.norm(c_BLD), c_shift_m, c_scale_m)
+        )
         return x_BND, c_BLD
 
 
@@ -117,23 +138,40 @@ class MMDiT(nn.Module):
         self.width = width = dims["num_heads"] * dims["head_dim"]
         self.patch_size = cfg.patch_size
         self.out_channels = cfg.in_channels
-        self.patch_embed = PatchEmbed(cfg.in_channels, width, cfg.patch_size, cfg.pos_max_grid, cfg.pos_base_grid)
+        self.patch_embed = PatchEmbed(
+            cfg.in_channels, width, cfg.patch_size, cfg.pos_max_grid, cfg.pos_base_grid
+        )
         self.time_embed = TimestepMLP(width)
-        self.pooled_embed = nn.Sequential(nn.Linear(cfg.pooled_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.pooled_embed = nn.Sequential(
+            nn.Linear(cfg.pooled_dim, width), nn.SiLU(), nn.Linear(width, width)
+        )
         self.context_embed = nn.Linear(cfg.context_dim, width)
         hidden = int(width * cfg.mlp_ratio)
         self.blocks = nn.ModuleList(
-            JointBlock(width, dims["num_heads"], hidden, cfg.qk_norm, context_pre_only=i == dims["depth"] - 1)
+            JointBlock(
+                width,
+                dims["num_heads"],
+                hidden,
+                cfg.qk_norm,
+                context_pre_only=i == dims["depth"] - 1,
+            )
             for i in range(dims["depth"])
         )
         self.final_norm = layer_norm(width)
         self.final_mod = AdaLNModulation(width, 2)  # (scale, shift)
         self.final_proj = nn.Linear(width, cfg.patch_size**2 * cfg.in_channels)
 
-    def forward(self, x_BCHW: torch.Tensor, t_B: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(
+        self, x_BCHW: torch.Tensor, t_B: torch.Tensor, cond: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
         rows, cols = x_BCHW.shape[-2] // self.patch_size, x_BCHW.shape[-1] // self.patch_size
-        tokens = self.patch_embed(x_BCHW)
-        vec = self.time_embed(t_B, tokens.dtype) + self.pooled_embed(cond["pooled"].to(tokens.dtype))
+        # Inputs go to the weights' dtype here (FSDP2 does not cast the root's inputs, see
+        # parallelize); t stays as given: its sinusoids are computed in fp32, like diffusers'.
+        dtype = self.patch_embed.proj.weight.dtype
+        tokens = self.patch_embed(x_BCHW.to(dtype))
+        vec = self.time_embed(t_B, tokens.dtype) + self.pooled_embed(
+            cond["pooled"].to(tokens.dtype)
+        )
         context = self.context_embed(cond["context"].to(tokens.dtype))
         for block in self.blocks:
             tokens, context = block(tokens, context, vec)
@@ -150,6 +188,9 @@ class MMDiT(nn.Module):
                 init.linear_(module)
             elif isinstance(module, nn.RMSNorm):
                 init.ones_(module.weight)
+        for module in self.modules():
+            if isinstance(module, QKVProjection):
+                init.xavier_uniform_(module.qkv.weight, parts=3)  # q, k, v each as its own matrix
         conv = self.patch_embed.proj
         init.xavier_uniform_(conv.weight)  # as a (D, C*p*p) matrix, like DiT
         init.zeros_(conv.bias)
@@ -163,7 +204,9 @@ class MMDiT(nn.Module):
         init.zeros_(self.final_proj.bias)
         self.patch_embed.reset_pos_table()
 
-    def flops_per_sample(self, image_tokens: int | None = None, text_tokens: int | None = None) -> float:
+    def flops_per_sample(
+        self, image_tokens: int | None = None, text_tokens: int | None = None
+    ) -> float:
         """Training FLOPs (forward + backward = 3x forward) for one sample.
 
         Matmuls: 2 FLOPs per weight per token of the stream it acts on; attention:
@@ -194,7 +237,8 @@ def build(cfg: MMDiTConfig) -> MMDiT:
 
 
 def parallelize(model: MMDiT, plan: ParallelPlan, mesh=None) -> MMDiT:
-    return apply_parallelism(model, list(model.blocks), plan, mesh)
+    # forward casts its own inputs, keeping t in fp32 (see MMDiT.forward)
+    return apply_parallelism(model, list(model.blocks), plan, mesh, cast_root_inputs=False)
 
 
 def num_params(cfg: MMDiTConfig) -> int:

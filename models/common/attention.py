@@ -1,5 +1,6 @@
-"""Attention shared by the transformer families: projections, optional per-head RMS
-QK-norm, and scaled_dot_product_attention (flash / memory-efficient kernels on GPU).
+"""Attention shared by the transformer families: a fused q/k/v projection, optional
+per-head RMS QK-norm, and scaled_dot_product_attention (flash / memory-efficient
+kernels on GPU).
 
 Shapes: B batch, N tokens, H heads, K head dim, D = H * K model width.
 """
@@ -12,38 +13,38 @@ from torch.nn import functional as F
 
 
 class QKVProjection(nn.Module):
-    """Per-stream q, k, v projections (with optional RMS norm of q and k per head)."""
+    """One stream's q, k, v from one fused Linear (D -> 3D, rows [q; k; v]: one GEMM
+    instead of three), with optional per-head RMS norm of q and k."""
 
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, eps: float = 1e-6):
         super().__init__()
         self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.k = nn.Linear(dim, dim)
-        self.v = nn.Linear(dim, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
         head_dim = dim // num_heads
         self.q_norm = nn.RMSNorm(head_dim, eps=eps) if qk_norm else None
         self.k_norm = nn.RMSNorm(head_dim, eps=eps) if qk_norm else None
 
     def forward(self, x_BND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, N, D) -> q, k, v, each (B, N, H, K) (views into the projection's output)."""
         b, n, _ = x_BND.shape
-
-        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, N, D) -> (B, H, N, K)
-            return t.reshape(b, n, self.num_heads, -1).transpose(1, 2)
-
-        q, k, v = heads(self.q(x_BND)), heads(self.k(x_BND)), heads(self.v(x_BND))
+        q, k, v = self.qkv(x_BND).view(b, n, 3, self.num_heads, -1).unbind(2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
 
-def joint_attention(streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-    """One attention over the concatenation of several token streams; returns each
-    stream's slice of the output as (B, N_i, D)."""
-    q = torch.cat([s[0] for s in streams], dim=2)
-    k = torch.cat([s[1] for s in streams], dim=2)
-    v = torch.cat([s[2] for s in streams], dim=2)
+def joint_attention(
+    streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+) -> list[torch.Tensor]:
+    """One attention over the concatenation of several token streams, each given as
+    (B, N_i, H, K) q, k, v; returns each stream's slice of the output as (B, N_i, D).
+
+    Streams are concatenated along tokens in (B, N, H, K) layout, so the (B, H, N, K)
+    tensors SDPA takes are transposed views, not copies (flash attention's own layout).
+    """
+    q, k, v = (torch.cat([s[i] for s in streams], dim=1).transpose(1, 2) for i in range(3))
     out = F.scaled_dot_product_attention(q, k, v)  # (B, H, sum N_i, K)
     b, h, n, kdim = out.shape
     out = out.transpose(1, 2).reshape(b, n, h * kdim)
-    sizes = [s[0].shape[2] for s in streams]
+    sizes = [s[0].shape[1] for s in streams]
     return list(out.split(sizes, dim=1))

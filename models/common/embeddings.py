@@ -54,7 +54,9 @@ class PatchEmbed(nn.Module):
         self.patch_size = patch_size
         self.max_grid = max_grid
         self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
-        self.register_buffer("pos_table", sincos_2d_grid(dim, max_grid, base_grid)[None], persistent=False)
+        self.register_buffer(
+            "pos_table", sincos_2d_grid(dim, max_grid, base_grid)[None], persistent=False
+        )
         self._table_args = (dim, max_grid, base_grid)
 
     def reset_pos_table(self) -> None:
@@ -64,14 +66,23 @@ class PatchEmbed(nn.Module):
     def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
         rows, cols = x_BCHW.shape[-2] // self.patch_size, x_BCHW.shape[-1] // self.patch_size
         if rows > self.max_grid or cols > self.max_grid:
-            raise ValueError(f"{rows}x{cols} patches exceed the position table ({self.max_grid} per side)")
+            raise ValueError(
+                f"{rows}x{cols} patches exceed the position table ({self.max_grid} per side)"
+            )
         tokens_BND = self.proj(x_BCHW).flatten(2).transpose(1, 2)
         top, left = (self.max_grid - rows) // 2, (self.max_grid - cols) // 2
-        table = self.pos_table.reshape(1, self.max_grid, self.max_grid, -1)[:, top : top + rows, left : left + cols]
-        return (tokens_BND + table.reshape(1, rows * cols, -1)).to(tokens_BND.dtype)
+        table = self.pos_table.reshape(1, self.max_grid, self.max_grid, -1)[
+            :, top : top + rows, left : left + cols
+        ]
+        # fp32 table added before rounding (as diffusers); contiguous, else the residual
+        # stream would keep the conv's transposed layout through every block (slow)
+        out_BND = (tokens_BND + table.reshape(1, rows * cols, -1)).to(tokens_BND.dtype)
+        return out_BND.contiguous()
 
 
-def unpatchify(tokens_BND: torch.Tensor, patch_size: int, channels: int, rows: int, cols: int) -> torch.Tensor:
+def unpatchify(
+    tokens_BND: torch.Tensor, patch_size: int, channels: int, rows: int, cols: int
+) -> torch.Tensor:
     """(B, rows*cols, p*p*C) -> (B, C, rows*p, cols*p)."""
     b = tokens_BND.shape[0]
     x = tokens_BND.reshape(b, rows, cols, patch_size, patch_size, channels)
@@ -89,4 +100,6 @@ class TimestepMLP(nn.Module):
         self.linear_2 = nn.Linear(dim, dim)
 
     def forward(self, t_B: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return self.linear_2(nn.functional.silu(self.linear_1(timestep_embedding(t_B, self.freq_dim).to(dtype))))
+        return self.linear_2(
+            nn.functional.silu(self.linear_1(timestep_embedding(t_B, self.freq_dim).to(dtype)))
+        )

@@ -63,8 +63,10 @@ class ParamInit:
     def ones_(self, param: torch.Tensor) -> None:
         self._fill(param, lambda g: torch.ones(param.shape))
 
-    def xavier_uniform_(self, param: torch.Tensor) -> None:
-        fan_out, fan_in = param.shape[0], math.prod(param.shape[1:])
+    def xavier_uniform_(self, param: torch.Tensor, parts: int = 1) -> None:
+        """Xavier-uniform; ``parts`` > 1 for a fused projection of that many matrices stacked
+        along dim 0 (e.g. q/k/v), each initialised as if it were its own matrix."""
+        fan_out, fan_in = param.shape[0] // parts, math.prod(param.shape[1:])
         bound = math.sqrt(6.0 / (fan_in + fan_out))
         self.uniform_(param, -bound, bound)
 

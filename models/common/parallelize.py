@@ -36,12 +36,22 @@ def _checkpointed(forward):
 
 
 def apply_parallelism(
-    model: nn.Module, blocks: Sequence[nn.Module], plan: ParallelPlan, mesh=None
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    plan: ParallelPlan,
+    mesh=None,
+    *,
+    cast_root_inputs: bool = True,
 ) -> nn.Module:
     """Shard ``blocks`` and the root with FSDP2 (when asked), then checkpoint, then compile.
 
     Activation checkpointing and compile wrap each block's ``forward`` in place, so
     parameter names and state-dict keys are the same under every plan.
+
+    With ``cast_root_inputs`` False, FSDP2 leaves the model's own inputs in their dtype
+    (blocks still get theirs cast): for a model that casts them itself and must keep
+    some in fp32, such as a diffusion time t in [0, 1], which bf16 would round to
+    steps of 1/256 near t = 1.
     """
     if plan.backend == "fsdp2":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -53,8 +63,13 @@ def apply_parallelism(
             fully_shard(
                 block, mesh=mesh, mp_policy=policy, reshard_after_forward=plan.reshard_after_forward
             )
+        root_policy = MixedPrecisionPolicy(
+            param_dtype=DTYPES[plan.param_dtype],
+            reduce_dtype=DTYPES[plan.reduce_dtype],
+            cast_forward_inputs=cast_root_inputs,
+        )
         # The root's parameters are needed again right after forward (output head) -> keep them.
-        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        fully_shard(model, mesh=mesh, mp_policy=root_policy, reshard_after_forward=False)
     elif plan.backend != "none":
         raise ValueError(f"unknown parallel backend {plan.backend!r}")
     if plan.activation_checkpointing:
