@@ -84,20 +84,59 @@ def test_train_from_s3_shards_checkpoint_to_s3_and_resume(tmp_path, s3_endpoint)
 
     s3fs.S3FileSystem.clear_instance_cache()
     prefix = f"s3://ckpts/e2e-{uuid.uuid4().hex[:8]}"
-    built = _run("-m", "data_pipeline.build", "builtin:digits", "--out", f"{prefix}/digits", "--size", "16",
-                 "--shard-size", "100", "--limit", "400")
+    built = _run(
+        "-m",
+        "data_pipeline.build",
+        "builtin:digits",
+        "--out",
+        f"{prefix}/digits",
+        "--size",
+        "16",
+        "--shard-size",
+        "100",
+        "--limit",
+        "400",
+    )
     assert built.returncode == 0, built.stderr[-3000:]
     recipe = REPO / "recipes" / "tiny" / "digits_flow.yaml"
-    common = [f"data.urls={prefix}/digits", "train.log_every=1", "eval.every=0", "checkpoint.every=5",
-              "schedule.name=constant"]
+    common = [
+        f"data.urls={prefix}/digits",
+        "train.log_every=1",
+        "eval.every=0",
+        "checkpoint.every=5",
+        "schedule.name=constant",
+    ]
     run, straight = tmp_path / "run", tmp_path / "straight"
     ckpt = f"checkpoint.dir={prefix}/ckpt"
-    first = _run("-m", "trainer.launch", str(recipe), f"run.output_dir={run}", "run.max_steps=10", ckpt, *common)
+    first = _run(
+        "-m",
+        "trainer.launch",
+        str(recipe),
+        f"run.output_dir={run}",
+        "run.max_steps=10",
+        ckpt,
+        *common,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
-    second = _run("-m", "trainer.launch", str(recipe), f"run.output_dir={run}", "run.max_steps=20", ckpt, *common)
+    second = _run(
+        "-m",
+        "trainer.launch",
+        str(recipe),
+        f"run.output_dir={run}",
+        "run.max_steps=20",
+        ckpt,
+        *common,
+    )
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step 10" in (run / "train.log").read_text()
-    ref = _run("-m", "trainer.launch", str(recipe), f"run.output_dir={straight}", "run.max_steps=20", *common)
+    ref = _run(
+        "-m",
+        "trainer.launch",
+        str(recipe),
+        f"run.output_dir={straight}",
+        "run.max_steps=20",
+        *common,
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert train_losses(run) == train_losses(straight)
     s3fs.S3FileSystem.clear_instance_cache()
