@@ -158,16 +158,17 @@ def test_trained_tiny_sd3_draws_the_prompted_digit_untrained_does_not(inputs, tm
     )
 
 
-DDPM_BOUND = 0.6  # measured, see the test's docstring
+DDPM_BOUND = 0.8
 
 
 def test_ddpm_family_on_the_same_setup(inputs, tmp_path):
-    """The DDPM family (v-prediction, scaled-linear schedule, Min-SNR weighting, DPM-Solver++
-    sampling) trained on the same tiny MMDiT setup for the same steps.
+    """The DDPM family (v-prediction, cosine schedule rescaled to zero terminal SNR, DDIM)
+    trained on the same tiny MMDiT setup for the same 1000 steps draws the prompted digit.
 
-    Bound: DDPM with 20 sampler steps converges more slowly than rectified flow at this budget;
-    the prompted-digit accuracy measured on this setup is given in benchmarks/RESULTS.md, and
-    DDPM_BOUND sits well above chance (0.1) and the untrained baseline, below the measured value.
+    Bound: this configuration measured 0.98 here (benchmarks/RESULTS.md); 0.8 leaves room for
+    float differences between machines and still fails chance (0.1) and the untrained model.
+    The SD-style scaled-linear schedule is not used: it keeps ~7% signal at t = T, so pure-noise
+    sampling starts off the training distribution and left coloured noise at 8x8 (0.05).
     """
     conditioning = (
         "objective.conditioning={clip: [{arch: ViT-L-14, random_init: true, size: tiny, max_length: 16}], "
@@ -183,8 +184,9 @@ def test_ddpm_family_on_the_same_setup(inputs, tmp_path):
         inputs[0],
         "objective.name=ddpm",
         "objective.prediction=v",
-        "objective.loss_weighting=min_snr",
-        "objective.sampler=dpmpp_2m",
+        "objective.schedule=cosine",
+        "objective.zero_terminal_snr=true",
+        "objective.sampler=ddim",
         "objective.autoencoder={name: identity}",
         conditioning,
         timeout=1500,
