@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from data_pipeline.shards import ShardIndex, expand_urls, load_index, parse_sample, retry
+from data_pipeline.sources import agreed_position
 from trainer.configlib import option
 
 log = logging.getLogger(__name__)
@@ -372,14 +373,7 @@ class WebDatasetSource:
         }
 
     def load_state_dict(self, states: list[dict[str, Any]]) -> None:
-        positions = {(s["batches_done"], s["micro_index"]) for s in states}
-        if len(positions) != 1:
-            raise ValueError(f"ranks saved different data positions: {sorted(positions)}")
-        ((self.batches_done, self.micro_index),) = positions
-        if self.micro_index:
-            raise ValueError(
-                "data position saved mid-step; checkpoints are only taken at step boundaries"
-            )
+        self.batches_done, self.micro_index = agreed_position(states), 0
         self.corrupt = Counter()
         for state in states:
             self.corrupt.update(state.get("corrupt", {}))

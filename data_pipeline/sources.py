@@ -22,3 +22,20 @@ class DataSource(Protocol):
     def load_state_dict(self, states: list[dict[str, Any]]) -> None:
         """Restore from the states of all ranks of the saved run (index = saved rank)."""
         ...
+
+
+def agreed_position(states: list[dict[str, Any]]) -> int:
+    """Global batches consumed, from the states every saved rank wrote.
+
+    Sources whose position is rank-independent (a global batch counter) must find the
+    same value on every rank, at a step boundary (checkpoints are only taken there).
+    """
+    positions = {(s["batches_done"], s["micro_index"]) for s in states}
+    if len(positions) != 1:
+        raise ValueError(f"ranks saved different data positions: {sorted(positions)}")
+    ((batches_done, micro_index),) = positions
+    if micro_index:
+        raise ValueError(
+            "data position saved mid-step; checkpoints are only taken at step boundaries"
+        )
+    return batches_done

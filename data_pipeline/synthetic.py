@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_pipeline.sources import agreed_position
 from trainer.configlib import option
 
 
@@ -128,14 +129,7 @@ class GaussianMixtureSource:
         return {"batches_done": self.batches_done, "micro_index": self.micro_index}
 
     def load_state_dict(self, states: list[dict[str, Any]]) -> None:
-        positions = {(s["batches_done"], s["micro_index"]) for s in states}
-        if len(positions) != 1:
-            raise ValueError(f"ranks saved different data positions: {sorted(positions)}")
-        ((self.batches_done, self.micro_index),) = positions
-        if self.micro_index:
-            raise ValueError(
-                "data position saved mid-step; checkpoints are only taken at step boundaries"
-            )
+        self.batches_done, self.micro_index = agreed_position(states), 0
         self._current = None
 
     # ---------------------------------------------------------------- evaluation hooks

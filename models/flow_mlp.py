@@ -13,6 +13,7 @@ from torch import nn
 from models.common.embeddings import timestep_embedding
 from models.common.init import ParamInit
 from models.common.parallelize import ParallelPlan, apply_parallelism
+from models.common.presets import resolve_preset
 from trainer.configlib import option
 
 PRESETS = {
@@ -38,11 +39,7 @@ class FlowMLPConfig:
     )
 
     def resolved(self) -> dict[str, int]:
-        dims = dict(PRESETS[self.size])
-        for key in dims:
-            if getattr(self, key) is not None:
-                dims[key] = getattr(self, key)
-        return dims
+        return resolve_preset(PRESETS, self.size, self)
 
 
 class ResidualBlock(nn.Module):

@@ -28,6 +28,7 @@ from models.common.embeddings import PatchEmbed, TimestepMLP, unpatchify
 from models.common.init import ParamInit
 from models.common.modulation import AdaLNModulation, layer_norm, modulate
 from models.common.parallelize import ParallelPlan, apply_parallelism
+from models.common.presets import resolve_preset
 from trainer.configlib import option
 
 # num_heads x head_dim = width; "sd3_medium" is SD3-medium-like (~2B), "8b" SD3-large-like.
@@ -69,11 +70,7 @@ class MMDiTConfig:
     )
 
     def dims(self) -> dict[str, int]:
-        dims = dict(PRESETS[self.size])
-        for key in dims:
-            if getattr(self, key) is not None:
-                dims[key] = getattr(self, key)
-        return dims
+        return resolve_preset(PRESETS, self.size, self)
 
 
 class FeedForward(nn.Module):

@@ -1,0 +1,14 @@
+"""Size presets are plain data next to each model; a config's explicit fields win."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def resolve_preset(presets: dict[str, dict[str, int]], size: str, config: Any) -> dict[str, int]:
+    """The preset's dimensions, each replaced by the config's field of that name when set."""
+    dims = dict(presets[size])
+    for key in dims:
+        if getattr(config, key) is not None:
+            dims[key] = getattr(config, key)
+    return dims
