@@ -62,10 +62,14 @@ def tiny_recipe() -> Path:
 @pytest.fixture
 def s3_endpoint(monkeypatch):
     """A real S3-compatible server (moto) on loopback with bucket 'ckpts'; AWS_* env points at it."""
+    import s3fs
     from moto.server import ThreadedMotoServer
 
     from cluster.env import free_port
 
+    # s3fs caches filesystem instances per argument set: one made against an earlier
+    # test's server (another port) would otherwise be reused and hang on a dead endpoint.
+    s3fs.S3FileSystem.clear_instance_cache()
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
@@ -82,4 +86,5 @@ def s3_endpoint(monkeypatch):
 
     boto3.client("s3", endpoint_url=url).create_bucket(Bucket="ckpts")
     yield url
+    s3fs.S3FileSystem.clear_instance_cache()
     server.stop()

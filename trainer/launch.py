@@ -53,10 +53,16 @@ def supervise_local(num_workers: int, argv: list[str]) -> int:
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // num_workers)))
         procs.append(subprocess.Popen([sys.executable, "-m", "trainer.launch", *argv], env=env))
 
+    interrupts = 0
+
     def forward(signum, frame):
+        nonlocal interrupts
+        if signum == signal.SIGINT:
+            interrupts += 1
         for proc in procs:
             if proc.poll() is None:
-                proc.send_signal(signum)
+                # a second Ctrl-C aborts even ranks stuck in a collective
+                proc.kill() if interrupts >= 2 else proc.send_signal(signum)
 
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, forward)

@@ -180,24 +180,36 @@ def test_trains_on_digit_caption_shards_and_text_together(tmp_path, digit_shards
 
 
 def test_writes_and_loads_through_s3(tmp_path, s3, corpus, digit_shards):
+    import uuid
+
     import fsspec
 
+    # moto keeps objects across tests of one process: use prefixes no other test writes
+    base = f"ckpts/tok-test-{uuid.uuid4().hex[:8]}"
     local = train_tokenizer([str(digit_shards)], str(tmp_path / "local"), 30, progress=False)
     assert (
         build.main(
-            ["builtin:digits", "--out", "s3://ckpts/shards", "--limit", "200", "--shard-size", "64"]
+            [
+                "builtin:digits",
+                "--out",
+                f"s3://{base}/shards",
+                "--limit",
+                "200",
+                "--shard-size",
+                "64",
+            ]
         )
         == 0
     )
-    remote = train_tokenizer(["s3://ckpts/shards"], "s3://ckpts/tok/spm", 30, progress=False)
+    remote = train_tokenizer([f"s3://{base}/shards"], f"s3://{base}/tok/spm", 30, progress=False)
     assert (remote.sentences, remote.shards) == (local.sentences, local.shards)
     fs = fsspec.filesystem("s3")
-    assert sorted(fs.ls("ckpts/tok")) == ["ckpts/tok/spm.model", "ckpts/tok/spm.vocab"]
-    tok = Tokenizer.load("s3://ckpts/tok/spm.model")
+    assert sorted(fs.ls(f"{base}/tok")) == [f"{base}/tok/spm.model", f"{base}/tok/spm.vocab"]
+    tok = Tokenizer.load(f"s3://{base}/tok/spm.model")
     assert tok.model_proto == (tmp_path / "local.model").read_bytes()
     assert tok.decode(tok.encode("a photo of the digit two")) == "a photo of the digit two"
     with pytest.raises(TokenizerError, match="does not exist"):
-        Tokenizer.load("s3://ckpts/tok/other.model")
+        Tokenizer.load(f"s3://{base}/tok/other.model")
 
 
 def test_user_mistakes_raise_before_writing(tmp_path, corpus):

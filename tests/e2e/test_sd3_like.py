@@ -181,6 +181,7 @@ def test_ddpm_family_on_the_same_setup(inputs, tmp_path):
     run_launch(
         RECIPE,
         f"run.output_dir={run}",
+        *TRAIN,
         inputs[0],
         "objective.name=ddpm",
         "objective.prediction=v",
