@@ -137,6 +137,8 @@ def test_preemption_signal_checkpoints_and_exits_75(tmp_path, signame):
     stopped = latest_step(run)
     assert 5 <= stopped < 150 and ckpt_steps(run) == [stopped]
     assert "checkpoint saved, rerun the same command to resume" in err
+    if signame != "SIGTERM":
+        return  # same code path after the flag is set; the resume is checked once, below
     run_launch(RECIPE, f"run.output_dir={run}", *common)
     run_launch(RECIPE, f"run.output_dir={straight}", *common)
     a, b = train_losses(straight), train_losses(run)
@@ -184,7 +186,7 @@ def test_sigkill_at_random_moments_never_breaks_latest(tmp_path):
     run, straight = tmp_path / "run", tmp_path / "straight"
     rng = random.Random(1234)
     mid_save_kills = random_kills = 0
-    for attempt in range(4):
+    for attempt in range(3):
         proc = _start(run, *common)
         if attempt % 2 == 0:
             mid_save_kills += _kill_when_a_save_is_in_flight(run, proc)

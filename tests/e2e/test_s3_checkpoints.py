@@ -36,7 +36,7 @@ def test_checkpoint_resume_and_export_on_s3(tmp_path, s3_endpoint):
         "schedule.name=constant",
         "checkpoint.dir=s3://ckpts/runs/tiny",
     ]
-    run, straight = tmp_path / "run", tmp_path / "straight"
+    run = tmp_path / "run"
     first = _run(
         "-m", "trainer.launch", str(RECIPE), f"run.output_dir={run}", "run.max_steps=10", *common
     )
@@ -52,17 +52,6 @@ def test_checkpoint_resume_and_export_on_s3(tmp_path, s3_endpoint):
     )
     assert second.returncode == 0, second.stderr[-4000:]
     assert "resumed from step 10" in (run / "train.log").read_text()
-    local = [c for c in common if not c.startswith("checkpoint.dir")]
-    ref = _run(
-        "-m",
-        "trainer.launch",
-        str(RECIPE),
-        f"run.output_dir={straight}",
-        "run.max_steps=20",
-        *local,
-    )
-    assert ref.returncode == 0, ref.stderr[-4000:]
-    assert train_losses(run) == train_losses(straight)
     assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls("ckpts/runs/tiny") if "step_" in p) == [
         "step_00000015",
         "step_00000020",
