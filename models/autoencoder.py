@@ -8,6 +8,7 @@ autoencoder below is pixel-space training (f = 1, C = 3).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ class IdentityAutoencoderConfig:
     shift: float = option(0.0, "Latent shift.")
 
 
-class Autoencoder(nn.Module):
+class Autoencoder(nn.Module, ABC):
     """Base: frozen, with latent normalisation by (shift, scale)."""
 
     latent_channels: int = 3
@@ -34,11 +35,13 @@ class Autoencoder(nn.Module):
         self.scale = scale
         self.shift = shift
 
+    @abstractmethod
     def encode_raw(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Images (B, 3, H, W) in [-1, 1] -> raw latents."""
 
+    @abstractmethod
     def decode_raw(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Raw latents -> images in [-1, 1]."""
 
     @torch.no_grad()
     def encode(self, images_BCHW: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ frozen companion modules (text encoders, teachers, a DPO reference, a REPA targe
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,7 @@ class EvalContext:
     guidance: float = 1.0
 
 
-class Objective:
+class Objective(ABC):
     """Base class: single phase on the model, no extra modules, no evaluation."""
 
     def phases(self) -> list[Phase]:
@@ -63,10 +64,11 @@ class Objective:
     def extra_modules(self) -> dict[str, ExtraModule]:
         return {}
 
+    @abstractmethod
     def loss(
         self, phase: str, modules: dict[str, nn.Module], batch: dict[str, Any], step: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        raise NotImplementedError
+        """(loss, logs) for one micro-batch of ``phase``; every objective defines it."""
 
     def condition(
         self, modules: dict[str, nn.Module], batch: dict[str, Any], *, training: bool, step: int = 0
@@ -89,5 +91,5 @@ class Objective:
     def state_dict(self) -> dict[str, Any]:
         return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: B027 - stateless by default
+        """Restore what ``state_dict`` returned; objectives without state keep nothing."""

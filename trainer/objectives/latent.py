@@ -4,6 +4,7 @@ generation and evaluation. Subclasses supply ``integrate`` (their sampler) and `
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -46,10 +47,11 @@ class LatentObjective(Objective):
     ) -> torch.Tensor:
         return model(x, t_B, cond) if cond is not None else model(x, t_B)
 
+    @abstractmethod
     def integrate(
         self, model_fn: ModelFn, noise: torch.Tensor, steps: int, sampler: str | None
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """Run the objective's sampler from ``noise`` (B, ...) to data space."""
 
     @torch.no_grad()
     def generate(
