@@ -7,8 +7,15 @@ SOURCE is one of:
   captioned "a photo of the digit seven", with the class label;
 * a folder of images (png/jpg/jpeg/webp), captioned by a sidecar ``NAME.txt`` next to
   each image or by ``--captions manifest.jsonl|.csv`` (columns/keys ``file``, ``caption``);
+* ``builtin:arith`` - ``--num`` lines ``A + B = C`` (A, B uniform in 0..99, seeded by
+  ``--seed``), one line per sample (see :mod:`data_pipeline.arith`);
 * text files (``.txt``, or a folder of them with ``--kind text``) for language models:
-  documents are cut at line boundaries into samples of at most ``--chars-per-sample``.
+  documents are cut at line boundaries into samples of at most ``--chars-per-sample``;
+* with ``--tokenizer``: also a folder or URL of text shards (the ``txt`` of each sample).
+
+``--tokenizer TOK.model`` writes token shards instead of text: each sample (document)
+becomes ``tokens.npy`` (int32 ids, EOS appended, no BOS), and every shard index records
+the token counts and the tokenizer's sha256 (see :mod:`data_pipeline.text_tokens`).
 
 DEST is a folder or fsspec URL (``s3://bucket/prefix``). A progress bar runs while
 writing; a summary (samples, shards, bytes, skipped items and why) ends the run.
@@ -25,6 +32,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import fsspec
 
 from data_pipeline.shards import ShardWriter
 
@@ -196,18 +205,79 @@ def _text_sample(index: int, text: str, path: Path) -> Sample:
     return f"{index:08d}", {"txt": text.encode(), "json": json.dumps(meta).encode()}, meta
 
 
+def arith_samples(num: int, seed: int) -> Iterator[Sample]:
+    from data_pipeline.arith import arith_lines
+
+    for i, line in enumerate(arith_lines(num, seed)):
+        yield f"{i:08d}", {"txt": line.encode()}, {"length": len(line)}
+
+
+def _text_shard_urls(source: str) -> list[str] | None:
+    """Shards of a folder / URL / pattern of ``.tar`` files; None when it holds none."""
+    from data_pipeline.shards import expand_urls
+
+    try:
+        return expand_urls(source)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def text_shard_samples(urls: list[str], limit: int | None, skipped: Counter) -> Iterator[Sample]:
+    """The ``txt`` of every sample of existing shards, in order (keys kept)."""
+    from data_pipeline.shards import load_index, parse_sample
+
+    written = 0
+    for url in urls:
+        index = load_index(url)
+        with fsspec.open(url, "rb") as fh:  # sequential reads: fsspec reads ahead
+            for entry in index.samples:
+                if limit is not None and written >= limit:
+                    return
+                fh.seek(entry.offset)
+                fields = parse_sample(fh.read(entry.size))
+                if "txt" not in fields:
+                    skipped["sample without txt"] += 1
+                    continue
+                yield entry.key, {"txt": fields["txt"]}, {}
+                written += 1
+
+
 def build(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
     skipped: Counter = Counter()
     source = args.source
+    tokenizer = None
+    if args.tokenizer:
+        from data_pipeline.tokenizer import Tokenizer, TokenizerError
+
+        try:
+            tokenizer = Tokenizer.load(args.tokenizer)
+        except TokenizerError as err:
+            raise BuildError(f"--tokenizer: {err}") from None
+    shard_urls = (
+        _text_shard_urls(source)
+        if tokenizer is not None and not source.startswith("builtin:")
+        else None
+    )
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
-        if name != "digits":
-            raise BuildError(f"unknown built-in source {source!r}; available: builtin:digits")
-        sizes = parse_sizes(args.sizes) if args.sizes else [(args.size, args.size)]
-        samples = digits_samples(sizes, args.limit, skipped)
-        total = args.limit or 1797
+        if name == "arith":
+            total = args.num if args.limit is None else min(args.num, args.limit)
+            samples = arith_samples(total, args.seed)
+        elif name == "digits":
+            sizes = parse_sizes(args.sizes) if args.sizes else [(args.size, args.size)]
+            samples = digits_samples(sizes, args.limit, skipped)
+            total = args.limit or 1797
+        else:
+            raise BuildError(
+                f"unknown built-in source {source!r}; available: builtin:digits, builtin:arith"
+            )
+        if tokenizer is not None and name == "digits":
+            raise BuildError("--tokenizer: builtin:digits holds images, not text")
+    elif shard_urls:
+        samples = text_shard_samples(shard_urls, args.limit, skipped)
+        total = args.limit
     else:
         path = Path(source)
         if not path.exists():
@@ -222,8 +292,18 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                 path, Path(args.captions) if args.captions else None, args.limit, skipped
             )
         total = args.limit
+    index_meta = {}
+    if tokenizer is not None:
+        from data_pipeline.text_tokens import CHECKSUM_KEY, token_samples, tokenizer_checksum
+
+        samples = token_samples(samples, tokenizer)
+        index_meta = {CHECKSUM_KEY: tokenizer_checksum(tokenizer), "tokenizer": args.tokenizer}
     with ShardWriter(
-        args.out, prefix=args.prefix, max_samples=args.shard_size, max_bytes=args.max_bytes
+        args.out,
+        prefix=args.prefix,
+        max_samples=args.shard_size,
+        max_bytes=args.max_bytes,
+        index_meta=index_meta,
     ) as writer:
         for key, fields, meta in tqdm(
             samples, total=total, desc="build", unit="sample", file=sys.stderr
@@ -236,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m data_pipeline.build", description=__doc__.splitlines()[0]
     )
-    parser.add_argument("source", help="builtin:digits, a folder of images, or text file(s)")
+    parser.add_argument(
+        "source",
+        help="builtin:digits, builtin:arith, a folder of images, text file(s), "
+        "or (with --tokenizer) text shards",
+    )
     parser.add_argument("--out", required=True, help="destination folder or fsspec URL")
     parser.add_argument(
         "--kind", choices=["auto", "images", "text"], default="auto", help="how to read a folder"
@@ -257,7 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--chars-per-sample", type=int, default=4096, help="text: characters per sample at most"
     )
+    parser.add_argument("--num", type=int, default=100_000, help="arith: lines (default 100000)")
+    parser.add_argument("--seed", type=int, default=0, help="arith: seed (default 0)")
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="sentencepiece .model: write token shards (tokens.npy per document) instead of text",
+    )
     args = parser.parse_args(argv)
+    if args.num < 0:
+        print("error: --num must be >= 0", file=sys.stderr)
+        return 2
     if args.shard_size < 1 or args.max_bytes < 1024 or args.size < 1:
         print(
             "error: --shard-size and --size must be >= 1 and --max-bytes >= 1024", file=sys.stderr

@@ -60,19 +60,22 @@ class SampleEntry:
 class ShardIndex:
     url: str
     samples: list[SampleEntry]
+    meta: dict[str, Any] = field(default_factory=dict)  # whole-shard facts (tokenizer checksum)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "num_samples": len(self.samples),
-                "samples": [[s.key, s.offset, s.size, s.meta] for s in self.samples],
-            }
-        )
+        data = {
+            "num_samples": len(self.samples),
+            "samples": [[s.key, s.offset, s.size, s.meta] for s in self.samples],
+        }
+        if self.meta:
+            data["meta"] = self.meta
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, url: str, text: str) -> ShardIndex:
         data = json.loads(text)
-        return cls(url, [SampleEntry(k, o, s, m) for k, o, s, m in data["samples"]])
+        samples = [SampleEntry(k, o, s, m) for k, o, s, m in data["samples"]]
+        return cls(url, samples, data.get("meta", {}))
 
 
 def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -131,7 +134,7 @@ class ShardWriter:
     """Fill shards up to ``max_samples`` samples or ``max_bytes`` bytes and publish them.
 
     ``dest`` is a local folder or an fsspec URL (``s3://bucket/prefix``); shards are
-    named ``{prefix}-{index:06d}.tar``. Use as a context manager; ``summary`` counts
+    named ``{prefix}-{index:06d}.tar``; ``index_meta`` goes into every shard's index. Use as a context manager; ``summary`` counts
     samples, shards and bytes.
     """
 
@@ -143,8 +146,10 @@ class ShardWriter:
         max_samples: int = 1000,
         max_bytes: int = 256 << 20,
         start_index: int = 0,
+        index_meta: dict[str, Any] | None = None,
     ):
         self.dest = dest.rstrip("/")
+        self.index_meta = dict(index_meta or {})
         self.prefix = prefix
         self.max_samples = max_samples
         self.max_bytes = max_bytes
@@ -197,7 +202,8 @@ class ShardWriter:
         size = os.path.getsize(local)
         try:
             put_atomic(local, url)
-            write_text_atomic(url + INDEX_SUFFIX, ShardIndex(url, self._entries).to_json())
+            index = ShardIndex(url, self._entries, self.index_meta)
+            write_text_atomic(url + INDEX_SUFFIX, index.to_json())
         finally:
             os.unlink(local)
         self.urls.append(url)

@@ -1,7 +1,7 @@
 """SentencePiece tokenizers: train one on a text source, load it, encode and decode.
 
 ``python -m data_pipeline.tokenizer train --input A [--input B ...] --out PREFIX
---vocab-size N [--model-type unigram|bpe] [--user-symbols "[MASK]" ...]`` reads sentences
+--vocab-size N [--model-type unigram|bpe|char] [--user-symbols "[MASK]" ...]`` reads sentences
 (one per non-empty line) from plain ``.txt`` files, folders of them, and WebDataset
 shards (the ``txt`` member of each sample; see :mod:`data_pipeline.shards`), trains a
 SentencePiece model and writes ``PREFIX.model`` and ``PREFIX.vocab`` to a local path or
@@ -36,7 +36,8 @@ import fsspec
 from data_pipeline.shards import load_index, parse_sample, put_atomic
 
 PAD_ID, EOS_ID, UNK_ID, BOS_ID = 0, 1, 2, 3
-MODEL_TYPES = ("unigram", "bpe")
+# char: one piece per character; --vocab-size is then an upper bound (the alphabet size)
+MODEL_TYPES = ("unigram", "bpe", "char")
 # SentencePiece skips longer sentences (bytes); we count them so the summary says so.
 MAX_SENTENCE_BYTES = 4192
 
@@ -416,6 +417,7 @@ def train_tokenizer(
         raise TokenizerError(_explain_training_error(err, vocab_size, summary.sentences)) from None
     tokenizer = Tokenizer(writer.getvalue(), source=summary.model_url)
     summary.user_symbols = {s: tokenizer.token_id(s) for s in symbols}
+    summary.vocab_size = tokenizer.vocab_size  # a char model may need fewer than asked
     # .vocab first: a .model present means the pair is complete.
     _write_atomic(summary.vocab_url, _vocab_text(tokenizer).encode("utf-8"))
     _write_atomic(summary.model_url, tokenizer.model_proto)

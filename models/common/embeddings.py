@@ -103,3 +103,26 @@ class TimestepMLP(nn.Module):
         return self.linear_2(
             nn.functional.silu(self.linear_1(timestep_embedding(t_B, self.freq_dim).to(dtype)))
         )
+
+
+def rope_cos_sin(
+    positions: torch.Tensor, head_dim: int, base: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary position tables for (L,) or (B, L) integer positions -> cos, sin, each
+    (1 or B, L, 1, head_dim // 2) in fp32, to rotate (B, L, H, head_dim) queries / keys
+    with :func:`apply_rope`. Computed per call from the positions (no table), so any
+    position, repeated or out of order, is allowed."""
+    half = head_dim // 2
+    inv_freq = base ** (-torch.arange(half, dtype=torch.float32, device=positions.device) / half)
+    angles = positions.float()[..., None] * inv_freq  # (L, half) or (B, L, half)
+    if angles.dim() == 2:
+        angles = angles[None]
+    return angles.cos()[:, :, None], angles.sin()[:, :, None]
+
+
+def apply_rope(x_BLHK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + K/2) of queries or keys by position angles (the
+    "rotate half" layout of GPT-NeoX / LLaMA), in fp32, returned in x's dtype."""
+    x1, x2 = x_BLHK.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x_BLHK.dtype)

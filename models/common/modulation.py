@@ -16,12 +16,13 @@ def modulate(x_BND: torch.Tensor, shift_BD: torch.Tensor, scale_BD: torch.Tensor
 
 
 class AdaLNModulation(nn.Module):
-    """c -> ``num_chunks`` tensors of width D (order fixed by the caller)."""
+    """c -> ``num_chunks`` tensors of width D (order fixed by the caller); c has width
+    ``cond_dim`` (default D)."""
 
-    def __init__(self, dim: int, num_chunks: int):
+    def __init__(self, dim: int, num_chunks: int, cond_dim: int | None = None):
         super().__init__()
         self.num_chunks = num_chunks
-        self.linear = nn.Linear(dim, num_chunks * dim)
+        self.linear = nn.Linear(cond_dim or dim, num_chunks * dim)
 
     def forward(self, c_BD: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return self.linear(nn.functional.silu(c_BD)).chunk(self.num_chunks, dim=-1)
