@@ -1,0 +1,86 @@
+"""MDLM (Sahoo et al. 2024): masked diffusion trained by its continuous-time NELBO.
+
+SUBS parameterisation: the network's logits over all V ids become p_theta(x_0 | x_t)
+with no mass on [MASK] (log-softmax after setting its logit to -inf), and clean
+positions of x_t are carried over, so only masked positions carry loss:
+
+    loss = mean over tokens of  w(t) 1[x_t^l = MASK] (-log p_theta(x_0^l | x_t)),
+
+w(t) = -alpha'_t / (1 - alpha_t) (1 / t for the log-linear schedule); one time per
+sequence, spread over the global batch (see trainer/objectives/discrete.py). The loss is
+the per-token NELBO in nats. Samples come from the ancestral sampler with MDLM's cache
+(a step that changes no token reuses the network's output; only without time
+conditioning), optionally with nucleus (top_p) sampling.
+
+Shapes: B batch, L sequence length, V vocabulary, N time draws per sequence (1 here).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainer.configlib import option
+from trainer.objectives.discrete import (
+    MaskedDiffusionConfig,
+    MaskedDiffusionObjective,
+    masked_cross_entropy,
+    per_token,
+    real_logits,
+    time_conditioning,
+)
+from trainer.samplers.discrete import masked_ancestral
+
+
+@dataclass(kw_only=True)
+class MDLMConfig(MaskedDiffusionConfig):
+    name: str = option("mdlm", "Training objective.")
+
+
+class MDLM(MaskedDiffusionObjective):
+    def nelbo_terms(
+        self, model: nn.Module, x0_BL: torch.Tensor, t_BN: torch.Tensor, u_mask_BL: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        t_BL = per_token(t_BN, x0_BL.shape[1], x0_BL.shape[1])
+        x_t, masked = self.corrupt(x0_BL, t_BL, u_mask_BL)
+        sigma_B = self.schedule.total(t_BN[:, 0]).to(self.device, torch.float32)
+        ce = masked_cross_entropy(model(x_t, sigma_B), x0_BL, self.mask_id)
+        return self.masked_weight(t_BL, masked) * ce, masked
+
+    @torch.no_grad()
+    def generate(
+        self,
+        model: nn.Module,
+        num: int,
+        length: int,
+        *,
+        steps: int,
+        generator: torch.Generator,
+        sampler: str = "ancestral",
+        top_p: float | None = None,
+        cache: bool = True,
+    ) -> torch.Tensor:
+        """``num`` sequences of ``length`` tokens by ``steps`` ancestral steps.
+        ``cache``: reuse the network's output after a step that changed nothing."""
+        if sampler != "ancestral":
+            raise ValueError(f"unknown MDLM sampler {sampler!r}; one of ['ancestral']")
+        self.check_model(model)
+
+        def probs_fn(x_BL: torch.Tensor, t: float) -> torch.Tensor:
+            sigma = float(self.schedule.total(torch.tensor(t, dtype=torch.float64)))
+            logits = model(x_BL, torch.full((num,), sigma, device=self.device))
+            return real_logits(logits, self.mask_id).softmax(-1)
+
+        start = torch.full((num, length), self.mask_id, dtype=torch.long, device=self.device)
+        return masked_ancestral(
+            probs_fn,
+            start,
+            self.schedule,
+            steps=steps,
+            mask_id=self.mask_id,
+            generator=generator,
+            top_p=self.cfg.top_p if top_p is None else top_p,
+            reuse_unchanged=cache and time_conditioning(model) is False,
+        )
