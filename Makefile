@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # pip prints a warning per package for the machine's optional local indexes; hide only those
 QUIET_PIP := sed "/is ignored: it is neither a file nor a directory/d"
 
-.PHONY: install demo test lint format clean
+.PHONY: install demo test lint format clean arith
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,24 @@ $(DIGITS): | $(STAMP)
 
 $(TOKENIZER): $(DIGITS)
 	$(PY) -m data_pipeline.tokenizer train --input data/digits16 --out data/tokenizer/captions --vocab-size 40 --model-type bpe
+
+# Language-model inputs (recipes/tiny/{mdlm,sedd,bd3lm,ar_baseline}.yaml): the built-in
+# arithmetic corpus as text shards, a character-level sentencepiece tokenizer trained on
+# them, and token shards packed into windows at load time.
+ARITH_TEXT := data/arith_text/shard-000000.tar.index.json
+ARITH_TOKENIZER := data/tokenizer/arith.model
+ARITH := data/arith/shard-000000.tar.index.json
+
+$(ARITH_TEXT): | $(STAMP)
+	$(PY) -m data_pipeline.build builtin:arith --num 50000 --seed 0 --out data/arith_text
+
+$(ARITH_TOKENIZER): $(ARITH_TEXT)
+	$(PY) -m data_pipeline.tokenizer train --input data/arith_text --out data/tokenizer/arith --vocab-size 18 --model-type char
+
+$(ARITH): $(ARITH_TOKENIZER)
+	$(PY) -m data_pipeline.build data/arith_text --tokenizer $(ARITH_TOKENIZER) --out data/arith
+
+arith: $(ARITH)
 
 # The main job, shrunk to 2 CPU cores: the SD3-like recipe's tiny twin on digit shards.
 demo: $(STAMP) $(TOKENIZER)

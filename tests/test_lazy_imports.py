@@ -24,10 +24,13 @@ def test_core_modules_do_not_import_heavy_dependencies():
     code = (
         "import sys, trainer, models, data_pipeline, cluster\n"
         "import trainer.launch, trainer.loop, trainer.config, trainer.checkpoint, trainer.export\n"
-        "import models.flow_mlp, data_pipeline.synthetic, cluster.env\n"
+        "import models.flow_mlp, data_pipeline.synthetic, cluster.env, cluster.ray_train\n"
         "import data_pipeline.tokenizer, data_pipeline.text_encoders, data_pipeline.loader\n"
         "import data_pipeline.build, data_pipeline.shards, models.autoencoder, data_pipeline.precompute\n"
         "import trainer.sample, trainer.objectives.conditioning, models.mmdit\n"
+        "import cluster.slurm, models.dlm, data_pipeline.text_tokens, data_pipeline.arith\n"
+        "import trainer.objectives.mdlm, trainer.objectives.sedd, trainer.objectives.bd3lm\n"
+        "import trainer.objectives.ar, trainer.objectives.text_eval, trainer.samplers.discrete\n"
         f"print(','.join(m for m in {HEAVY!r} if m in sys.modules))\n"
     )
     proc = subprocess.run(

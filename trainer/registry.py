@@ -10,10 +10,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from data_pipeline import loader, synthetic
-from models import flow_mlp, mmdit
+from data_pipeline import loader, synthetic, text_tokens
+from models import dlm, flow_mlp, mmdit
 from trainer.config import DataSection, ModelSection, ObjectiveSection
-from trainer.objectives import ddpm, rectified_flow
+from trainer.objectives import ar, bd3lm, ddpm, mdlm, rectified_flow, sedd
 
 
 @dataclass(frozen=True)
@@ -40,18 +40,25 @@ class DataEntry:
 MODELS: dict[str, ModelFamily] = {
     "flow_mlp": ModelFamily(flow_mlp.FlowMLPConfig, flow_mlp.build, flow_mlp.parallelize),
     "mmdit": ModelFamily(mmdit.MMDiTConfig, mmdit.build, mmdit.parallelize),
+    "dlm": ModelFamily(dlm.DLMConfig, dlm.build, dlm.parallelize),
 }
 OBJECTIVES: dict[str, ObjectiveEntry] = {
     "rectified_flow": ObjectiveEntry(
         rectified_flow.RectifiedFlowConfig, rectified_flow.RectifiedFlow
     ),
     "ddpm": ObjectiveEntry(ddpm.DDPMConfig, ddpm.DDPM),
+    # language models (token sequences; see trainer/objectives/text_eval.py)
+    "mdlm": ObjectiveEntry(mdlm.MDLMConfig, mdlm.MDLM),
+    "sedd": ObjectiveEntry(sedd.SEDDConfig, sedd.SEDD),
+    "bd3lm": ObjectiveEntry(bd3lm.BD3LMConfig, bd3lm.BD3LM),
+    "ar": ObjectiveEntry(ar.ARConfig, ar.AR),
 }
 DATA: dict[str, DataEntry] = {
     "gaussian_mixture2d": DataEntry(
         synthetic.GaussianMixture2DConfig, synthetic.GaussianMixtureSource
     ),
     "webdataset": DataEntry(loader.WebDatasetConfig, loader.WebDatasetSource),
+    "tokens": DataEntry(text_tokens.TokensConfig, text_tokens.TokenStreamSource),
 }
 
 ModelSection.REGISTRY.update({k: v.config for k, v in MODELS.items()})

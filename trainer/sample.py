@@ -6,6 +6,10 @@ objective (sampler, shift, autoencoder, text conditioner, classifier-free guidan
 Writes ``OUT_DIR/samples.npz`` (``images``: uint8 N x H x W x C; ``prompts``: one string
 per image) and ``OUT_DIR/grid.png`` (one row per prompt). Unconditional models take
 ``--num K`` instead of prompts.
+
+Language models (MDLM, SEDD, BD3-LM, AR): ``--run RUN_DIR --num K --out OUT_DIR [--steps S
+--seed X --length L --sampler NAME --top-p P]`` writes ``OUT_DIR/samples.jsonl``, one
+``{"text": ...}`` object per sample.
 """
 
 from __future__ import annotations
@@ -104,6 +108,15 @@ def main(argv: list[str] | None = None) -> int:
         "--no-t5", action="store_true", help="leave the T5 condition out (SD3 allows it)"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--length",
+        type=int,
+        default=None,
+        help="tokens per sample (language models; default: data.seq_len)",
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=None, help="nucleus sampling (language models)"
+    )
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -130,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
         raise SampleError("--num-per-prompt and --steps must be >= 1")
     device = torch.device(args.device)
     cfg, model, objective, step = load_run(args.run, args.step, args.weights, device)
+    if hasattr(objective, "nelbo"):
+        if prompts:
+            raise SampleError("language models sample unconditionally: use --num, not prompts")
+        return sample_text(args, cfg, model, objective, step)
     conditional = getattr(objective, "conditioner", None) is not None
     if conditional and not prompts:
         raise SampleError("this model is text-conditioned: give --prompts or --prompts-file")
@@ -173,6 +190,44 @@ def run(args: argparse.Namespace) -> int:
     os.replace(tmp, args.out / "samples.npz")
     save_grid(samples, args.out / "grid.png", columns=args.num_per_prompt if conditional else None)
     print(f"wrote {count} samples of step {step} to {args.out}/samples.npz and grid.png")
+    return 0
+
+
+def sample_text(args: argparse.Namespace, cfg, model, objective, step: int) -> int:
+    """Language models: ``--num`` sequences -> ``OUT/samples.jsonl``, one {"text": ...} each."""
+    from data_pipeline.text_tokens import decode_text
+
+    from trainer.objectives.text_eval import write_jsonl
+
+    if not args.num or args.num < 1:
+        raise SampleError("give --num K (>= 1) samples")
+    length = args.length or getattr(cfg.data, "seq_len", None) or model.max_seq_len
+    if length > model.max_seq_len:
+        raise SampleError(
+            f"--length {length} exceeds the model's max_seq_len ({model.max_seq_len})"
+        )
+    options = {}
+    if args.sampler is not None:
+        options["sampler"] = args.sampler
+    if args.top_p is not None:
+        options["top_p"] = args.top_p
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    from tqdm import tqdm
+
+    texts: list[str] = []
+    batch = 32
+    with torch.no_grad():
+        for start in tqdm(range(0, args.num, batch), desc="sample", unit="batch", file=sys.stderr):
+            count = min(batch, args.num - start)
+            try:
+                tokens = objective.generate(
+                    model, count, length, steps=args.steps, generator=gen, **options
+                )
+            except (TypeError, ValueError) as err:
+                raise SampleError(f"cannot sample with these options: {err}") from None
+            texts += [decode_text(objective.tokenizer, row.tolist()) for row in tokens.cpu()]
+    write_jsonl(args.out / "samples.jsonl", texts)
+    print(f"wrote {len(texts)} samples of step {step} to {args.out}/samples.jsonl")
     return 0
 
 

@@ -53,6 +53,8 @@ class EvalContext:
     rank: int
     world_size: int
     guidance: float = 1.0
+    text_checks: tuple[str, ...] = ()  # language models: checks of decoded samples
+    gen_ppl_run: str | None = None  # language models: AR run that scores samples
 
 
 class Objective(ABC):
