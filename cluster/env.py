@@ -46,7 +46,10 @@ def detect(launcher: str = "auto", environ: dict[str, str] | None = None) -> Dis
     has_slurm = (
         "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env.get("SLURM_NTASKS", "1")) > 1
     )
-    if launcher == "torchrun" or (launcher == "auto" and has_torchrun):
+    # a rank started by trainer.launch's supervisor (locally or one per SLURM node) always
+    # reads RANK / WORLD_SIZE: the SLURM_* variables it inherits describe its node's launcher
+    supervised = env.get("GENFLOW_LOCAL_SUPERVISOR") == "1" and has_torchrun
+    if launcher == "torchrun" or (launcher == "auto" and has_torchrun) or supervised:
         if not has_torchrun:
             raise RuntimeError("cluster.launcher is 'torchrun' but RANK / WORLD_SIZE are not set")
         return DistEnv(
@@ -63,17 +66,55 @@ def detect(launcher: str = "auto", environ: dict[str, str] | None = None) -> Dis
             raise RuntimeError(
                 "cluster.launcher is 'slurm' but SLURM_PROCID is not set (run under srun)"
             )
-        job_id = int(env.get("SLURM_JOB_ID", "0"))
         return DistEnv(
             "slurm",
             rank=int(env["SLURM_PROCID"]),
             world_size=int(env["SLURM_NTASKS"]),
             local_rank=int(env.get("SLURM_LOCALID", 0)),
             local_world_size=int(
-                env.get("SLURM_NTASKS_PER_NODE", env.get("SLURM_GPUS_ON_NODE", 1)).split("(")[0]
+                env.get("SLURM_NTASKS_PER_NODE", env.get("SLURM_GPUS_ON_NODE", "1")).split("(")[0]
             ),
-            master_addr=env.get("MASTER_ADDR")
-            or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")),
-            master_port=int(env.get("MASTER_PORT", 20000 + job_id % 20000)),
+            master_addr=_slurm_master_addr(env),
+            master_port=_slurm_master_port(env),
         )
     return DistEnv("single")
+
+
+def _slurm_master_addr(env) -> str:
+    return env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
+
+
+def _slurm_master_port(env) -> int:
+    # the same rule as cluster/slurm.py's batch script: every node derives the same port
+    return int(env.get("MASTER_PORT", 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+
+
+@dataclass(frozen=True)
+class SlurmNode:
+    """This node's place in a SLURM job step that runs one launcher per node."""
+
+    node_rank: int
+    num_nodes: int
+    master_addr: str
+    master_port: int
+
+
+def slurm_node(launcher: str = "auto", environ: dict[str, str] | None = None) -> SlurmNode | None:
+    """The node's place when this process is the one task of an ``srun`` step on its node
+    (cluster/slurm.py's batch script), else None. Such a launcher starts ``cluster.num_workers``
+    ranks on its node: global rank = node_rank * num_workers + local rank."""
+    env = os.environ if environ is None else environ
+    if launcher not in ("auto", "slurm") or env.get("GENFLOW_LOCAL_SUPERVISOR") == "1":
+        return None
+    if "SLURM_STEP_ID" not in env or "SLURM_NODEID" not in env:
+        return None  # not inside an srun step (e.g. the batch shell itself)
+    num_nodes = int(env.get("SLURM_STEP_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    num_tasks = int(env.get("SLURM_STEP_NUM_TASKS", env.get("SLURM_NTASKS", "1")))
+    if num_tasks != num_nodes:
+        return None  # one task per rank: detect() reads SLURM_PROCID / SLURM_NTASKS instead
+    return SlurmNode(
+        node_rank=int(env["SLURM_NODEID"]),
+        num_nodes=num_nodes,
+        master_addr=_slurm_master_addr(env),
+        master_port=_slurm_master_port(env),
+    )

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 
 import torch
 import torch.distributed as dist
 
 from cluster.env import DistEnv
+
+# The optimizer step this rank is working on (training it or saving its checkpoint), set by
+# the training loop each step so that a collective timeout can say where it happened. None
+# during setup and resume.
+current_step: int | None = None
 
 
 def pick_device(choice: str, local_rank: int) -> torch.device:
@@ -41,6 +47,28 @@ def init_distributed(env: DistEnv, device: torch.device, timeout_s: int) -> None
         world_size=env.world_size,
         timeout=timeout,
         device_id=device if device.type == "cuda" else None,
+    )
+
+
+def report_timeout(err: BaseException, rank: int, timeout_s: int) -> str | None:
+    """One line for a collective or rendezvous that outlived ``cluster.timeout_s`` (its
+    traceback goes to the rank's log files only); None when ``err`` is anything else.
+
+    gloo raises a plain RuntimeError ("Timed out waiting 10000ms for recv operation"), the
+    store a DistStoreError ("wait timeout"), nccl (blocking wait) a DistBackendError; so the
+    test is on the text, restricted to errors that come from torch.distributed.
+    """
+    text = str(err).lower()
+    timed_out = "timed out" in text or "timeout" in text
+    from_dist = isinstance(err, dist.DistError) or "gloo" in text or "nccl" in text
+    if not (isinstance(err, RuntimeError) and timed_out and from_dist):
+        return None
+    logging.getLogger("trainer").info("collective timeout", exc_info=err)
+    where = "during setup" if current_step is None else f"at step {current_step}"
+    return (
+        f"rank {rank}: a collective did not complete within cluster.timeout_s={timeout_s}s "
+        f"{where}: another rank is hung, stopped or dead; exiting so the job can be restarted "
+        "(it resumes from the latest checkpoint)"
     )
 
 

@@ -14,9 +14,13 @@ import signal
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from trainer.configlib import ConfigError
-from trainer.signals import EXIT_CONFIG_ERROR, EXIT_FAILED
+
+if TYPE_CHECKING:
+    from cluster.env import SlurmNode
+from trainer.signals import EXIT_COLLECTIVE_TIMEOUT, EXIT_CONFIG_ERROR, EXIT_FAILED
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -33,20 +37,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def supervise_local(num_workers: int, argv: list[str]) -> int:
-    """Start ``num_workers`` ranks of this same command on this machine and wait for them."""
+def supervise_local(num_workers: int, argv: list[str], node: SlurmNode | None = None) -> int:
+    """Start ``num_workers`` ranks of this same command on this machine and wait for them.
+
+    With ``node`` (one launcher per node of a SLURM job, see cluster/slurm.py) they are
+    ranks ``node_rank * num_workers ...`` of ``num_nodes * num_workers``, meeting at the
+    node's ``master_addr:master_port``.
+    """
     from cluster.env import free_port
 
-    port = free_port()
+    if node is None:
+        node_rank, num_nodes, addr, port = 0, 1, "127.0.0.1", free_port()
+    else:
+        node_rank, num_nodes = node.node_rank, node.num_nodes
+        addr, port = node.master_addr, node.master_port
+        print(
+            f"launch: node {node_rank} of {num_nodes}: ranks {node_rank * num_workers}.."
+            f"{(node_rank + 1) * num_workers - 1} of {num_nodes * num_workers}, "
+            f"rendezvous {addr}:{port}",
+            file=sys.stderr,
+            flush=True,
+        )
     procs = []
-    for rank in range(num_workers):
+    for local_rank in range(num_workers):
+        rank = node_rank * num_workers + local_rank
         env = dict(
             os.environ,
             RANK=str(rank),
-            WORLD_SIZE=str(num_workers),
-            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(num_nodes * num_workers),
+            LOCAL_RANK=str(local_rank),
             LOCAL_WORLD_SIZE=str(num_workers),
-            MASTER_ADDR="127.0.0.1",
+            MASTER_ADDR=addr,
             MASTER_PORT=str(port),
             GENFLOW_LOCAL_SUPERVISOR="1",
         )
@@ -72,8 +93,12 @@ def supervise_local(num_workers: int, argv: list[str]) -> int:
         failed = [c for c in codes if c not in (None, 0)]
         if failed and exit_code == 0:
             exit_code = failed[0]
-            # one rank died: give the others a moment to exit on their own, then stop them
-            deadline = time.time() + 30
+            # one rank died: give the others a moment to exit on their own, then stop them;
+            # after a collective timeout the others are hung (or stopped) in it: stop them now
+            grace = 0 if exit_code == EXIT_COLLECTIVE_TIMEOUT else 30
+            rank = node_rank * num_workers + codes.index(exit_code)
+            print(f"launch: rank {rank} exited with code {exit_code}; stopping", file=sys.stderr)
+            deadline = time.time() + grace
             while time.time() < deadline and any(p.poll() is None for p in procs):
                 time.sleep(0.2)
             for proc in procs:
@@ -96,9 +121,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
 
-    from cluster.env import detect
+    from cluster.env import detect, slurm_node
+
+    # SLURM batch job (cluster/slurm.py): srun starts one launcher per node; each one
+    # supervises cluster.num_workers ranks on its node
+    node = slurm_node(cfg.cluster.launcher) if cfg.cluster.num_workers > 1 else None
+    if node is not None:
+        return supervise_local(cfg.cluster.num_workers, argv, node=node)
 
     env = detect(cfg.cluster.launcher)
+    from cluster.ray_train import in_ray_job
+
+    if env.kind == "single" and (
+        cfg.cluster.launcher == "ray" or (cfg.cluster.launcher == "auto" and in_ray_job())
+    ):
+        from cluster.ray_train import run_ray
+
+        return run_ray(cfg, fresh=args.fresh)
     if (
         env.kind == "single"
         and cfg.cluster.num_workers > 1
@@ -116,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
+    except RuntimeError as err:
+        from trainer.distributed import report_timeout
+
+        message = report_timeout(err, env.rank, cfg.cluster.timeout_s)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_COLLECTIVE_TIMEOUT
 
 
 if __name__ == "__main__":

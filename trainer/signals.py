@@ -12,6 +12,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG_ERROR = 2
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a checkpoint was saved; run the same command again to resume
+EXIT_COLLECTIVE_TIMEOUT = 124  # a collective outlived cluster.timeout_s: another rank hung or died
 
 
 class PreemptionGuard:
@@ -30,7 +31,11 @@ class PreemptionGuard:
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            # After a stop request this process is leaving with its checkpoint saved; a
+            # repeated SIGTERM / SIGUSR1 (SLURM signals every process of a step, again when
+            # srun --kill-on-bad-exit ends the other nodes) must not turn exit 75 into a death.
+            late = self.requested is not None and sig != signal.SIGINT
+            signal.signal(sig, _ignore_late_stop if late else handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
@@ -41,3 +46,7 @@ class PreemptionGuard:
                 raise KeyboardInterrupt
         log.warning("received %s: will checkpoint and stop at the next step boundary", name)
         self.requested = self.requested or name
+
+
+def _ignore_late_stop(signum: int, frame) -> None:
+    log.info("received %s while stopping: ignored", signal.Signals(signum).name)

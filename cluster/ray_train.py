@@ -1,0 +1,220 @@
+"""Run one recipe on a Ray cluster with Ray Train.
+
+``ray job submit --working-dir . -- python -m trainer.launch RECIPE.yaml [overrides]``
+(detected by the variable the job supervisor sets in the entrypoint's environment), or
+``cluster.launcher: ray`` from a shell on a cluster node, ends up in ``run_ray``: this
+process (the driver) joins the cluster and runs ``trainer.loop.train`` on
+``cluster.num_workers`` Ray Train workers. Ray places them, wires them into one process
+group (gloo on CPU, gloo for CPU tensors + nccl on GPU, with ``cluster.timeout_s``) and,
+when one fails, restarts them all together up to ``cluster.max_failures`` times.
+
+A restart resumes from our own ``latest`` checkpoint, exactly as rerunning the command
+would; Ray's checkpoint API (``ray.train.report``) is deliberately unused, since our DCP
+checkpoints already live on storage every worker reads (a shared disk or s3://).
+
+Paths: inside a Ray job the driver runs in Ray's unpacked copy of ``--working-dir``, a
+temporary folder on one node, so a relative ``run.output_dir`` would vanish with it.
+Inside a job ``run.output_dir`` and a local ``checkpoint.dir`` must therefore be absolute
+(on storage all nodes see) and a relative one is refused with one line. Relative input
+paths (data, tokenizers) resolve inside the working-dir copy, which every worker gets too.
+Outside a job, relative paths resolve against the launching directory, and the workers
+run in that directory when their node has it (a shared file system).
+
+Logs: every rank writes ``<output_dir>/logs/rank_*.log`` as in any launch; rank 0's
+console (warnings: start, resume, errors) is what Ray streams to the job logs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from cluster.env import DistEnv
+
+# Ray 2.60's job supervisor sets this (the job's runtime env as JSON) in the entrypoint's
+# environment only: not in the shell that ran `ray job submit`, nor in Ray's workers.
+RAY_JOB_ENV_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def in_ray_job(environ: dict[str, str] | None = None) -> bool:
+    """True in the entrypoint of a ``ray job submit`` job."""
+    return RAY_JOB_ENV_VAR in (os.environ if environ is None else environ)
+
+
+def resolve_output_paths(cfg: Any, *, in_job: bool, cwd: str) -> Any:
+    """``cfg`` with absolute run.output_dir and checkpoint.dir; ConfigError for a relative
+    one inside a Ray job (see the module doc)."""
+    from trainer.configlib import ConfigError
+
+    problems: list[str] = []
+
+    def absolute(key: str, value: str | None) -> str | None:
+        if value is None or "://" in value or os.path.isabs(value):
+            return value
+        if in_job:
+            problems.append(
+                f"{key}: '{value}' is relative; inside a Ray job it would land in Ray's "
+                "temporary copy of the working dir: give an absolute path on storage every "
+                "node sees" + (" (or an s3:// URL)" if key == "checkpoint.dir" else "")
+            )
+        return os.path.normpath(os.path.join(cwd, value))
+
+    output_dir = absolute("run.output_dir", cfg.run.output_dir)
+    ckpt_dir = absolute("checkpoint.dir", cfg.checkpoint.dir)
+    if problems:
+        raise ConfigError(problems)
+    return dataclasses.replace(
+        cfg,
+        run=dataclasses.replace(cfg.run, output_dir=output_dir),
+        checkpoint=dataclasses.replace(cfg.checkpoint, dir=ckpt_dir),
+    )
+
+
+class _OtherRanksErrorsOnly(logging.Filter):
+    def __init__(self, rank: int):
+        super().__init__()
+        self.rank = rank
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.rank != 0 and record.levelno >= logging.ERROR
+
+
+def _quiet_ray_console(rank: int) -> None:
+    """Ray Train sends every rank's INFO logs (and prints) to the job logs. Keep what a
+    local launch shows: rank 0's warnings (through its own console handler, set up by the
+    loop) plus any rank's errors; the rest stays in the rank log files."""
+    for handler in logging.getLogger().handlers:
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(
+            handler, logging.FileHandler
+        )
+        if console and not getattr(handler, "_genflow", False):
+            handler.addFilter(_OtherRanksErrorsOnly(rank))
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: one rank of ``trainer.loop.train``. Raises on any failure so
+    that Ray counts it against ``cluster.max_failures`` and restarts the group."""
+    import ray.train
+
+    from trainer import distributed as D
+    from trainer.loop import train
+    from trainer.signals import EXIT_OK
+
+    cfg = config["cfg"]
+    if config["cwd"] and os.path.isdir(config["cwd"]):
+        os.chdir(config["cwd"])
+    ctx = ray.train.get_context()
+    env = DistEnv(
+        "ray",
+        rank=ctx.get_world_rank(),
+        world_size=ctx.get_world_size(),
+        local_rank=ctx.get_local_rank(),
+        local_world_size=ctx.get_local_world_size(),
+    )
+    _quiet_ray_console(env.rank)
+    # Ray Train already joined the process group (TorchConfig); init_distributed keeps it.
+    try:
+        code = train(cfg, env)
+    except RuntimeError as err:
+        message = D.report_timeout(err, env.rank, cfg.cluster.timeout_s)
+        if message is None:
+            raise
+        logging.getLogger("trainer").error(message)
+        raise RuntimeError(message) from None
+    if code != EXIT_OK:
+        raise RuntimeError(f"rank {env.rank}: training stopped with exit code {code}")
+
+
+def run_ray(cfg: Any, *, fresh: bool = False) -> int:
+    """Drive a Ray Train run of ``cfg`` to its end; returns the process exit code."""
+    from trainer.config import check_world_size
+    from trainer.configlib import ConfigError
+    from trainer.signals import EXIT_CONFIG_ERROR, EXIT_FAILED, EXIT_OK
+
+    in_job = in_ray_job()
+    try:
+        cfg = resolve_output_paths(cfg, in_job=in_job, cwd=os.getcwd())
+        check_world_size(cfg, cfg.cluster.num_workers)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cluster = cfg.cluster
+    try:
+        ray.init(address=cluster.ray_address, logging_level=logging.WARNING)
+    except (ConnectionError, ValueError, RuntimeError) as err:
+        print(
+            f"error: cluster.ray_address={cluster.ray_address!r}: cannot reach a Ray cluster "
+            f"({err}); start one with `ray start --head`, or give HOST:PORT",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    try:
+        available = ray.cluster_resources()
+        use_gpu = cluster.device == "cuda" or (
+            cluster.device == "auto" and available.get("GPU", 0) > 0
+        )
+        per_worker = {"CPU": cluster.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+        for resource, amount in per_worker.items():
+            if amount * cluster.num_workers > available.get(resource, 0):
+                # not an error: an autoscaling cluster may still add nodes
+                print(
+                    f"warning: {cluster.num_workers} workers need {amount * cluster.num_workers:g} "
+                    f"{resource} but the cluster has {available.get(resource, 0):g} now; "
+                    "waiting for more nodes",
+                    file=sys.stderr,
+                )
+        if fresh:
+            _wipe_run(cfg)
+        print(
+            f"ray: {cluster.num_workers} workers x {per_worker} "
+            f"({'gloo+nccl' if use_gpu else 'gloo'}, timeout {cluster.timeout_s}s, "
+            f"max_failures {cluster.max_failures}), run dir {cfg.run.output_dir}",
+            flush=True,
+        )
+        trainer = TorchTrainer(
+            _train_worker,
+            # a restart calls _train_worker again: never with --fresh (it was applied above)
+            train_loop_config={"cfg": cfg, "cwd": None if in_job else os.getcwd()},
+            torch_config=TorchConfig(
+                backend="cpu:gloo,cuda:nccl" if use_gpu else "gloo",
+                timeout_s=cluster.timeout_s,
+            ),
+            scaling_config=ScalingConfig(
+                num_workers=cluster.num_workers, use_gpu=use_gpu, resources_per_worker=per_worker
+            ),
+            run_config=RunConfig(
+                name="ray_train",
+                storage_path=cfg.run.output_dir,
+                failure_config=FailureConfig(max_failures=cluster.max_failures),
+            ),
+        )
+        try:
+            trainer.fit()
+        except TrainingFailedError as err:
+            print(
+                f"error: Ray Train gave up (cluster.max_failures={cluster.max_failures}): {err}",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        return EXIT_OK
+    finally:
+        ray.shutdown()
+
+
+def _wipe_run(cfg: Any) -> None:
+    """``--fresh`` on the driver, once: a restarted worker group must resume, not wipe."""
+    from trainer.checkpoint import CheckpointStore
+
+    root = cfg.checkpoint.dir or os.path.join(cfg.run.output_dir, "checkpoints")
+    print(f"--fresh: removing checkpoints under {root} and old metrics", file=sys.stderr)
+    CheckpointStore(root).wipe()
+    (Path(cfg.run.output_dir) / "metrics.jsonl").unlink(missing_ok=True)
