@@ -196,7 +196,6 @@ def run(args: argparse.Namespace) -> int:
 def sample_text(args: argparse.Namespace, cfg, model, objective, step: int) -> int:
     """Language models: ``--num`` sequences -> ``OUT/samples.jsonl``, one {"text": ...} each."""
     from data_pipeline.text_tokens import decode_text
-
     from trainer.objectives.text_eval import write_jsonl
 
     if not args.num or args.num < 1:

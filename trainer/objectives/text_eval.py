@@ -132,7 +132,6 @@ def write_jsonl(path: Path, texts: list[str]) -> None:
 def evaluate_lm(objective, ctx: EvalContext) -> dict[str, float]:
     """Held-out likelihood, samples, and the sample checks the recipe asks for."""
     from data_pipeline.text_tokens import decode_text
-
     from models.common.parallelize import gathered_for_inference
 
     model = ctx.modules["model"]
