@@ -9,6 +9,10 @@ Layout under the checkpoint root (a local path or an fsspec URL such as ``s3://b
         trainer.pt          rank-independent state: counters, LR schedulers, world size
         meta.json           written last; its presence marks the checkpoint complete
 
+The sharded part (model, optimizers, EMA) is written by a ``shards`` writer: DCP by
+default; the DeepSpeed backend puts DeepSpeed's own files there instead
+(trainer.backends.deepspeed_backend). ``meta.json`` records which (``format``).
+
 Crash safety: ``meta.json`` is written only after every rank's files and DCP's own
 ``.metadata`` exist, and ``latest`` is replaced (atomically: rename locally, one PUT on
 object stores) only after ``meta.json``. A crash at any moment leaves ``latest`` naming
@@ -96,6 +100,10 @@ class CheckpointStore:
     def complete_steps(self) -> list[int]:
         return [s for s in self.step_dirs() if self.is_complete(s)]
 
+    def meta(self, step: int) -> dict[str, Any]:
+        """The completion record of a complete checkpoint (step, world_size, format)."""
+        return json.loads(self.read_bytes(f"{step_dir_name(step)}/{COMPLETE_MARKER}"))
+
     def latest_step(self) -> int | None:
         """The step named by ``latest`` (verified complete), else the newest complete one."""
         pointer = self.join("latest")
@@ -170,6 +178,24 @@ def dcp_reader(store: CheckpointStore, step: int):
     return dcp.FileSystemReader(store.join(step_dir_name(step)))
 
 
+class DCPShards:
+    """Model, optimizer and EMA tensors through DCP, which reshards them on load."""
+
+    format = "dcp"
+
+    def save(self, store: CheckpointStore, step: int, state: dict[str, Any]) -> None:
+        dcp.save(state, storage_writer=dcp_writer(store, step))
+
+    def written(self, store: CheckpointStore, step: int) -> bool:
+        """Whether every rank's part is on storage (checked on rank 0 before marking complete)."""
+        return store.exists(f"{step_dir_name(step)}/.metadata")
+
+    def load(
+        self, store: CheckpointStore, step: int, state: dict[str, Any], saved_world_size: int
+    ) -> None:
+        dcp.load(state, storage_reader=dcp_reader(store, step))
+
+
 class CheckpointManager:
     """Saves and restores training state collectively; every rank calls every method."""
 
@@ -182,8 +208,11 @@ class CheckpointManager:
         keep_last: int,
         async_save: bool,
         device: torch.device | None = None,
+        shards: Any = None,
     ):
         self.store = CheckpointStore(root)
+        self.shards = shards if shards is not None else DCPShards()
+        assert not async_save or isinstance(self.shards, DCPShards), "async saves are DCP only"
         self.rank = rank
         self.world_size = world_size
         self.keep_last = keep_last
@@ -237,7 +266,12 @@ class CheckpointManager:
         self.store.write_bytes(f"{name}/rank_{self.rank:05d}.pt", _torch_bytes(rank_state))
         if self.rank == 0:
             self.store.write_bytes(f"{name}/trainer.pt", _torch_bytes(trainer_state))
-        meta = {"step": step, "world_size": self.world_size, "saved_at": time.time()}
+        meta = {
+            "step": step,
+            "world_size": self.world_size,
+            "saved_at": time.time(),
+            "format": self.shards.format,
+        }
         use_async = self.async_save if blocking is None else not blocking
         if use_async:
             self._setup_async()
@@ -249,7 +283,7 @@ class CheckpointManager:
             )
             self._pending = (step, future, meta)
         else:
-            dcp.save(dcp_state, storage_writer=dcp_writer(self.store, step))
+            self.shards.save(self.store, step, dcp_state)
             _barrier()
             self._finalize(step, meta)
         return time.perf_counter() - start
@@ -293,7 +327,7 @@ class CheckpointManager:
                 for r in range(self.world_size)
                 if not self.store.exists(f"{name}/rank_{r:05d}.pt")
             ]
-            if missing or not self.store.exists(f"{name}/.metadata"):
+            if missing or not self.shards.written(self.store, step):
                 raise RuntimeError(
                     f"checkpoint {name} is missing files (ranks {missing}); not marking it complete"
                 )
@@ -301,6 +335,9 @@ class CheckpointManager:
             self.store.write_bytes("latest", (name + "\n").encode())
             log.info("checkpoint %s complete at %s", name, self.store.url(name))
             self._retain()
+        # no rank may exit (e.g. 75 after a stop signal) before 'latest' names this step:
+        # srun --kill-on-bad-exit stops every node as soon as one launcher exits non-zero
+        _barrier()
 
     def _retain(self) -> None:
         if self.keep_last <= 0:
@@ -327,13 +364,37 @@ class CheckpointManager:
             return None
         return self.load(step, dcp_state)
 
+    def latest_meta(self) -> dict[str, Any] | None:
+        """The completion record of the checkpoint a resume would load (None if none);
+        ConfigError if another backend wrote it."""
+        step = self.store.latest_step()
+        if step is None:
+            return None
+        meta = self.store.meta(step)
+        self._check_format(step, meta)
+        return meta
+
+    def _check_format(self, step: int, meta: dict[str, Any]) -> None:
+        saved_format = meta.get("format", "dcp")
+        if saved_format != self.shards.format:
+            from trainer.configlib import ConfigError
+
+            raise ConfigError(
+                [
+                    f"parallel.backend: checkpoint {self.store.url(step_dir_name(step))} holds "
+                    f"{saved_format} shards, this run writes {self.shards.format}; resume with "
+                    "the backend that wrote it, or start over (--fresh or a new run.output_dir)"
+                ]
+            )
+
     def load(self, step: int, dcp_state: dict[str, Any]) -> LoadedCheckpoint:
         name = step_dir_name(step)
         if not self.store.is_complete(step):
             raise FileNotFoundError(f"checkpoint {self.store.url(name)} is not complete")
-        dcp.load(dcp_state, storage_reader=dcp_reader(self.store, step))
         meta = json.loads(self.store.read_bytes(f"{name}/{COMPLETE_MARKER}"))
         saved_world = int(meta["world_size"])
+        self._check_format(step, meta)
+        self.shards.load(self.store, step, dcp_state, saved_world)
         trainer_state = _torch_load(self.store.read_bytes(f"{name}/trainer.pt"))
         all_rank_states = [
             _torch_load(self.store.read_bytes(f"{name}/rank_{r:05d}.pt"))

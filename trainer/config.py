@@ -146,23 +146,50 @@ class CheckpointConfig:
 
 @dataclass(kw_only=True)
 class ParallelConfig:
-    backend: Literal["fsdp2", "none"] = option(
-        "fsdp2", "Sharding engine; 'none' replicates without sharding (1 rank)."
+    backend: Literal["fsdp2", "deepspeed", "none"] = option(
+        "fsdp2",
+        "Sharding engine: FSDP2, DeepSpeed ZeRO, or 'none' (one rank, nothing sharded).",
     )
     mixed_precision: Literal["fp32", "bf16", "fp16"] = option(
         "fp32", "Compute dtype of parameters in forward/backward."
     )
     reduce_dtype: Literal["fp32", "bf16"] = option(
-        "fp32", "Dtype of gradient reduction across ranks."
+        "fp32", "Dtype of gradient reduction across ranks (FSDP2)."
     )
     reshard_after_forward: bool = option(
         True,
-        "Free gathered parameters after forward (ZeRO-3 like); false keeps them (ZeRO-2 like).",
+        "Free gathered parameters after forward (ZeRO-3 like); false keeps them (ZeRO-2 like). FSDP2.",
     )
     activation_checkpointing: bool = option(
         False, "Recompute each block's activations in backward."
     )
     compile: bool = option(False, "torch.compile each block after sharding and checkpointing.")
+    zero_stage: Literal[1, 2, 3] = option(
+        3,
+        "DeepSpeed ZeRO stage: 1 partitions optimizer states, 2 also gradients, 3 also parameters.",
+    )
+    offload_optimizer: Literal["none", "cpu", "nvme"] = option(
+        "none",
+        "DeepSpeed: keep optimizer states (and the optimizer step) in CPU memory or on NVMe.",
+    )
+    offload_params: Literal["none", "cpu", "nvme"] = option(
+        "none", "DeepSpeed ZeRO-3: keep partitioned parameters in CPU memory or on NVMe."
+    )
+    nvme_path: str | None = option(
+        None, "DeepSpeed: local NVMe directory for offload_optimizer / offload_params 'nvme'."
+    )
+    deepspeed: dict[str, Any] = option(
+        factory=dict,
+        doc="Extra DeepSpeed config keys passed through (validated; recipe-controlled keys rejected).",
+    )
+
+    DEEPSPEED_ONLY: ClassVar[tuple[str, ...]] = (
+        "zero_stage",
+        "offload_optimizer",
+        "offload_params",
+        "nvme_path",
+        "deepspeed",
+    )
 
     def check(self, given: set[str]) -> list[tuple[str, str]]:
         out = []
@@ -170,6 +197,64 @@ class ParallelConfig:
             for key in ("reduce_dtype", "reshard_after_forward"):
                 if key in given:
                     out.append((key, "has no effect when parallel.backend is 'none'"))
+        if self.backend != "deepspeed":
+            for key in self.DEEPSPEED_ONLY:
+                if key not in given:
+                    continue
+                if key.startswith("offload") and getattr(self, key) != "none":
+                    message = (
+                        f"offloading to {getattr(self, key)} needs parallel.backend 'deepspeed' "
+                        f"(backend '{self.backend}' has no offload)"
+                    )
+                else:
+                    message = (
+                        f"has no effect when parallel.backend is '{self.backend}' (DeepSpeed only)"
+                    )
+                out.append((key, message))
+        else:
+            if "reshard_after_forward" in given:
+                out.append(
+                    (
+                        "reshard_after_forward",
+                        "has no effect with parallel.backend 'deepspeed'; parallel.zero_stage 3 "
+                        "partitions parameters",
+                    )
+                )
+            if "reduce_dtype" in given:
+                out.append(
+                    (
+                        "reduce_dtype",
+                        "has no effect with parallel.backend 'deepspeed'; set "
+                        "parallel.deepspeed.communication_data_type instead",
+                    )
+                )
+            if self.offload_params != "none" and self.zero_stage != 3:
+                out.append(
+                    (
+                        "offload_params",
+                        f"parameter offload needs parallel.zero_stage 3 (got {self.zero_stage}); "
+                        "stages 1 and 2 keep every parameter on every rank",
+                    )
+                )
+            uses_nvme = "nvme" in (self.offload_optimizer, self.offload_params)
+            if uses_nvme and not self.nvme_path:
+                out.append(
+                    ("nvme_path", "required when offload_optimizer or offload_params is 'nvme'")
+                )
+            if not uses_nvme and "nvme_path" in given:
+                out.append(
+                    (
+                        "nvme_path",
+                        "has no effect unless offload_optimizer or offload_params is 'nvme'",
+                    )
+                )
+            if self.deepspeed:
+                from trainer.backends.deepspeed_backend import check_passthrough
+
+                out += [
+                    (f"deepspeed.{key}" if key else "deepspeed", message)
+                    for key, message in check_passthrough(self.deepspeed)
+                ]
         if (
             self.mixed_precision == "fp32"
             and "reduce_dtype" in given
@@ -190,13 +275,34 @@ class ClusterConfig:
         "auto",
         "How ranks are started; 'auto' detects torchrun / SLURM / Ray, else spawns local processes.",
     )
-    num_workers: int = option(1, "Local processes to spawn when launched locally (ranks).", ge=1)
+    num_workers: int = option(
+        1, "Ranks: local processes to spawn when launched locally, or Ray Train workers.", ge=1
+    )
     device: Literal["auto", "cpu", "cuda"] = option(
         "auto", "Device per rank; 'auto' uses CUDA when available."
     )
     timeout_s: int = option(
         1800, "Collective timeout in seconds before a hung rank is reported.", ge=10
     )
+    ray_address: str = option(
+        "auto",
+        "Ray cluster for launcher 'ray' outside a Ray job: 'auto' (RAY_ADDRESS or the local `ray start` head), 'local' (a private instance) or HOST:PORT.",
+    )
+    cpus_per_worker: float = option(1.0, "CPUs Ray reserves for each training worker.", gt=0)
+    max_failures: int = option(
+        0,
+        "Ray Train restarts of all workers after one fails, each resuming from the latest checkpoint; -1 retries forever.",
+        ge=-1,
+    )
+
+    RAY_ONLY: ClassVar[tuple[str, ...]] = ("ray_address", "cpus_per_worker", "max_failures")
+
+    def check(self, given: set[str]) -> list[tuple[str, str]]:
+        # 'auto' may turn out to be a Ray job at run time, so only explicit launchers rule them out
+        if self.launcher in ("local", "torchrun", "slurm"):
+            why = f"has no effect unless cluster.launcher is 'ray' (or 'auto' in a Ray job), not '{self.launcher}'"
+            return [(k, why) for k in self.RAY_ONLY if k in given]
+        return []
 
 
 @dataclass(kw_only=True)
@@ -239,15 +345,28 @@ class EvalConfig:
         4.0, "Classifier-free guidance scale of evaluation samples (text-conditioned models).", ge=0
     )
     use_ema: bool = option(True, "Evaluate the EMA weights when an EMA is kept.")
+    text_checks: list[Literal["arith"]] = option(
+        factory=list,
+        doc="Language models: checks of decoded samples ('arith': share of correct A + B = C lines).",
+    )
+    gen_ppl_run: str | None = option(
+        None,
+        "Language models: run directory of a trained AR model that scores samples (eval/gen_ppl).",
+    )
 
     def check(self, given: set[str]) -> list[tuple[str, str]]:
         if self.every == 0:
+            keys = ("num_samples", "sample_steps", "use_ema", "guidance", "text_checks")
             return [
                 (k, "has no effect when eval.every is 0")
-                for k in ("num_samples", "sample_steps", "use_ema", "guidance")
+                for k in (*keys, "gen_ppl_run")
                 if k in given
             ]
         return []
+
+
+# Objectives that model token sequences (their evaluation reads eval.text_checks etc.)
+TEXT_OBJECTIVES = ("mdlm", "sedd", "bd3lm", "ar")
 
 
 @dataclass(kw_only=True)
@@ -290,6 +409,8 @@ class Config:
                     "parallel.backend 'none' runs one rank; use fsdp2 for several",
                 )
             )
+        if self.parallel.backend == "deepspeed":
+            out += self._deepspeed_checks()
         conditioning = getattr(self.objective, "conditioning", None)
         model_context = getattr(self.model, "context_dim", None)
         if (
@@ -303,12 +424,54 @@ class Config:
                     f"{model_context} differs from objective.conditioning.context_dim ({conditioning.context_dim})",
                 )
             )
+        if self.objective.name not in TEXT_OBJECTIVES:
+            for key in ("text_checks", "gen_ppl_run"):
+                if f"eval.{key}" in given:
+                    out.append(
+                        (f"eval.{key}", "has no effect unless the objective is a language model")
+                    )
+        elif "eval.guidance" in given:
+            out.append(("eval.guidance", "has no effect for language-model objectives"))
         mb = self.train.micro_batch_size
         if mb is not None and self.train.batch_size % mb:
             out.append(
                 (
                     "train.micro_batch_size",
                     f"{mb} does not divide train.batch_size ({self.train.batch_size})",
+                )
+            )
+        return out
+
+    def _deepspeed_checks(self) -> list[tuple[str, str]]:
+        """What DeepSpeed cannot do here, caught before any rank starts."""
+        out = []
+        if self.checkpoint.async_save:
+            out.append(
+                (
+                    "checkpoint.async_save",
+                    "not supported with parallel.backend 'deepspeed' (DeepSpeed saves synchronously)",
+                )
+            )
+        ckpt_dir = self.checkpoint.dir or ""
+        if "://" in ckpt_dir and not ckpt_dir.startswith("file://"):
+            out.append(
+                (
+                    "checkpoint.dir",
+                    f"{ckpt_dir!r}: DeepSpeed checkpoints need a local or shared-filesystem path, "
+                    "not an object store URL",
+                )
+            )
+        if (
+            self.parallel.offload_params == "nvme"
+            and self.ema.enabled
+            and self.eval.every
+            and self.eval.use_ema
+        ):
+            out.append(
+                (
+                    "eval.use_ema",
+                    "evaluating the EMA needs the parameters in memory; not supported with "
+                    "parallel.offload_params 'nvme' (set eval.use_ema false)",
                 )
             )
         return out

@@ -1,8 +1,9 @@
 """``python -m trainer.export RUN_DIR_OR_CHECKPOINT_ROOT [--step N] [--weights ema|model] --out FILE``
 
-Consolidate the (EMA) weights of a sharded DCP checkpoint into one ``.safetensors``
-file for inference. Runs in one process, needs no process group, reads local paths or
-fsspec URLs, and writes the output atomically (temp file, then rename).
+Consolidate the (EMA) weights of a sharded checkpoint (DCP, or DeepSpeed's with
+``parallel.backend: deepspeed``) into one ``.safetensors`` file for inference. Runs in
+one process, needs no process group, reads local paths or fsspec URLs (DeepSpeed's:
+local only), and writes the output atomically (temp file, then rename).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def consolidated_state_dict(
         raise ExportError(
             f"{store.url(step_dir_name(step))} is not a complete checkpoint (have: {store.complete_steps()})"
         )
+    if store.meta(step).get("format", "dcp") == "deepspeed":
+        return _deepspeed_state_dict(store, step, weights), step
     reader = dcp_reader(store, step)
     metadata = reader.read_metadata()
     prefix = f"{weights}."
@@ -58,6 +61,23 @@ def consolidated_state_dict(
         warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process": intended
         dcp.load({weights: tensors}, storage_reader=reader, no_dist=True)
     return tensors, step
+
+
+def _deepspeed_state_dict(
+    store: CheckpointStore, step: int, weights: str
+) -> dict[str, torch.Tensor]:
+    """Weights of a DeepSpeed step: the model through DeepSpeed's zero_to_fp32 (fp32
+    master weights of every partition), the EMA from its per-rank pieces."""
+    from trainer.backends.deepspeed_backend import consolidated_ema, consolidated_model
+
+    if store.remote:
+        raise ExportError(f"DeepSpeed checkpoints are read from local paths, not {store.url()}")
+    step_dir = Path(store.join(step_dir_name(step)))
+    tensors = consolidated_ema(step_dir) if weights == "ema" else consolidated_model(step_dir)
+    if not tensors:
+        hint = " (was ema.enabled true?)" if weights == "ema" else ""
+        raise ExportError(f"checkpoint step {step} has no '{weights}' weights{hint}")
+    return tensors
 
 
 def export(path: str, out: Path, step: int | None = None, weights: str = "ema") -> int:

@@ -22,11 +22,11 @@ import torch.distributed as dist
 from torch import nn
 
 from cluster.env import DistEnv
-from models.common.parallelize import ParallelPlan
 from trainer import distributed as D
+from trainer.backends import make_backend
+from trainer.backends.base import make_optimizer  # noqa: F401  (re-exported for benchmarks)
 from trainer.checkpoint import CheckpointManager
 from trainer.config import Config, OptimizerConfig, check_world_size, dump_config
-from trainer.ema import EMA
 from trainer.metrics import MetricsLogger, device_peak_tflops, truncate_jsonl
 from trainer.objectives.base import EvalContext, Objective
 from trainer.registry import DATA, MODELS, OBJECTIVES
@@ -63,18 +63,6 @@ def lr_lambda(schedule, max_steps: int):
         return floor + (1 - floor) * (1 - progress)
 
     return factor
-
-
-def make_optimizer(params, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
-    fused = cfg.fused if cfg.fused is not None else device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(
-        [p for p in params if p.requires_grad],
-        lr=cfg.lr,
-        betas=cfg.betas,
-        eps=cfg.eps,
-        weight_decay=cfg.weight_decay,
-        fused=fused,
-    )
 
 
 def setup_logging(output_dir: Path, rank: int) -> None:
@@ -139,6 +127,16 @@ class Trainer:
         setup_logging(self.output_dir, self.rank)
 
         ckpt_root = cfg.checkpoint.dir or str(self.output_dir / "checkpoints")
+        self.backend = make_backend(
+            cfg.parallel,
+            grad_clip=cfg.train.grad_clip,
+            device=self.device,
+            rank=self.rank,
+            world_size=self.world_size,
+            micro_batch=self.micro_batch,
+            accum_steps=self.accum_steps,
+            local_rank=env.local_rank,
+        )
         self.ckpt = CheckpointManager(
             ckpt_root,
             rank=self.rank,
@@ -146,6 +144,7 @@ class Trainer:
             keep_last=cfg.checkpoint.keep_last,
             async_save=cfg.checkpoint.async_save,
             device=self.device,
+            shards=self.backend.shards,
         )
         if fresh and self.rank == 0:
             log.warning("--fresh: removing checkpoints under %s and old metrics", ckpt_root)
@@ -161,27 +160,27 @@ class Trainer:
         np.random.seed((cfg.run.seed * 7919 + self.rank) % 2**32)
         random.seed(cfg.run.seed * 7919 + self.rank)
 
-        self.mesh = None
-        if cfg.parallel.backend == "fsdp2":
-            from torch.distributed.device_mesh import init_device_mesh
-
-            self.mesh = init_device_mesh(self.device.type, (self.world_size,))
-        self.model = self._build_model()
+        if cfg.checkpoint.resume:
+            # Before building: a checkpoint of another backend is a user mistake, and an
+            # engine may have to be built for what it loads (DeepSpeed: universal loading).
+            self.backend.expect_resume(self.ckpt.latest_meta())
+        self.model = self.backend.build_model(
+            MODELS[cfg.model.name], cfg.model, cfg.optimizer, cfg.run.seed
+        )
         self.objective: Objective = OBJECTIVES[cfg.objective.name].build(
             cfg.objective, seed=cfg.run.seed, rank=self.rank, device=self.device
         )
-        self.modules: dict[str, nn.Module] = {"model": self.model}
-        self.optimizers: dict[str, torch.optim.Optimizer] = {
-            "model": make_optimizer(self.model.parameters(), cfg.optimizer, self.device)
-        }
         for name, extra in self.objective.extra_modules().items():
-            self._add_extra_module(name, extra)
+            opt_cfg = OptimizerConfig(**{**cfg.optimizer.__dict__, **extra.optimizer})
+            self.backend.add_module(name, extra, opt_cfg)
+        self.modules: dict[str, nn.Module] = self.backend.modules
+        self.optimizers: dict[str, torch.optim.Optimizer] = self.backend.optimizers
         factor = lr_lambda(cfg.schedule, cfg.run.max_steps)
         self.schedulers = {
             name: torch.optim.lr_scheduler.LambdaLR(opt, factor)
             for name, opt in self.optimizers.items()
         }
-        self.ema = EMA(self.model, cfg.ema.decay) if cfg.ema.enabled else None
+        self.ema = self.backend.make_ema(cfg.ema.decay) if cfg.ema.enabled else None
         self.data = DATA[cfg.data.name].build(
             cfg.data,
             seed=cfg.run.seed,
@@ -191,79 +190,13 @@ class Trainer:
             accum_steps=self.accum_steps,
         )
         self.counters = Counters()
-        self.flops_per_sample = getattr(self.model, "flops_per_sample", lambda: None)()
+        self.flops_per_sample = self.backend.flops_per_sample
         device_name = (
             torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         )
         self.peak_tflops = device_peak_tflops(device_name, cfg.logging.peak_tflops)
 
-    # ------------------------------------------------------------------------- build
-    def _plan(self) -> ParallelPlan:
-        p = self.cfg.parallel
-        return ParallelPlan(
-            backend=p.backend,
-            param_dtype=p.mixed_precision,
-            reduce_dtype=p.reduce_dtype,
-            reshard_after_forward=p.reshard_after_forward,
-            activation_checkpointing=p.activation_checkpointing,
-            compile=p.compile,
-        )
-
-    def _build_model(self) -> nn.Module:
-        family = MODELS[self.cfg.model.name]
-        with torch.device("meta"):
-            model = family.build(self.cfg.model)
-        model = family.parallelize(model, self._plan(), self.mesh)
-        model.to_empty(device=self.device)
-        model.init_weights(self.cfg.run.seed)
-        if self.cfg.parallel.backend == "none" and self.cfg.parallel.mixed_precision != "fp32":
-            log.info("parallel.backend 'none': mixed precision through autocast")
-        return model
-
-    def _add_extra_module(self, name: str, extra) -> None:
-        module = extra.module.to(self.device)
-        if extra.trainable:
-            if self.cfg.parallel.backend == "fsdp2":
-                from torch.distributed.fsdp import fully_shard
-
-                fully_shard(module, mesh=self.mesh)
-            opt_cfg = OptimizerConfig(**{**self.cfg.optimizer.__dict__, **extra.optimizer})
-            self.optimizers[name] = make_optimizer(module.parameters(), opt_cfg, self.device)
-        else:
-            module.requires_grad_(False).eval()
-            if self.cfg.parallel.backend == "fsdp2" and hasattr(module, "shard_for"):
-                module.shard_for(self.mesh)  # large frozen encoders: sharded like the model
-        self.modules[name] = module
-
     # -------------------------------------------------------------------- checkpoints
-    def dcp_state(self) -> dict[str, Any]:
-        from torch.distributed.checkpoint.state_dict import (
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        state: dict[str, Any] = {"model": get_model_state_dict(self.model), "optim": {}}
-        for name, opt in self.optimizers.items():
-            state["optim"][name] = get_optimizer_state_dict(self.modules[name], opt)
-        for name, module in self.modules.items():
-            if name != "model" and name in self.optimizers:
-                state[f"module_{name}"] = get_model_state_dict(module)
-        if self.ema is not None:
-            state["ema"] = self.ema.state_dict()
-        return state
-
-    def _apply_dcp_state(self, state: dict[str, Any]) -> None:
-        from torch.distributed.checkpoint.state_dict import (
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
-
-        set_model_state_dict(self.model, state["model"])
-        for name, opt in self.optimizers.items():
-            if name != "model":
-                set_model_state_dict(self.modules[name], state[f"module_{name}"])
-            set_optimizer_state_dict(self.modules[name], opt, state["optim"][name])
-
     def trainer_state(self) -> dict[str, Any]:
         return {
             "counters": self.counters.__dict__.copy(),
@@ -281,7 +214,7 @@ class Trainer:
     def save(self, *, blocking: bool | None = None) -> float:
         return self.ckpt.save(
             self.counters.step,
-            self.dcp_state(),
+            self.backend.checkpoint_state(self.ema),
             self.trainer_state(),
             self.rank_state(),
             blocking=blocking,
@@ -289,13 +222,16 @@ class Trainer:
 
     def maybe_resume(self) -> bool:
         self.ckpt.clean_incomplete()
-        if not self.cfg.checkpoint.resume:
+        if not self.cfg.checkpoint.resume or self.ckpt.store.latest_step() is None:
+            # Nothing to load: building the state now would not be free. DCP's
+            # get_optimizer_state_dict initialises empty optimizer state with a zero-LR
+            # step, so a fresh run's first real AdamW step would count as its second.
             return False
-        state = self.dcp_state()
+        state = self.backend.checkpoint_state(self.ema)
         loaded = self.ckpt.load_latest(state)
         if loaded is None:
             return False
-        self._apply_dcp_state(state)
+        self.backend.restore(state)
         self.counters = Counters(**loaded.trainer_state["counters"])
         for name, sched in self.schedulers.items():
             sched.load_state_dict(loaded.trainer_state["schedulers"][name])
@@ -324,16 +260,6 @@ class Trainer:
         return True
 
     # -------------------------------------------------------------------------- steps
-    def _autocast(self):
-        p = self.cfg.parallel
-        if p.backend == "none" and p.mixed_precision != "fp32":
-            from models.common.parallelize import DTYPES
-
-            return torch.autocast(self.device.type, dtype=DTYPES[p.mixed_precision])
-        import contextlib
-
-        return contextlib.nullcontext()
-
     def train_step(self) -> dict[str, float]:
         """One optimizer step of every phase due now; returns logs (averaged over ranks)."""
         step = self.counters.step
@@ -348,45 +274,31 @@ class Trainer:
         for phase in self.objective.phases():
             if step % phase.every:
                 continue
-            module = self.modules[phase.module]
-            opt = self.optimizers[phase.module]
-            opt.zero_grad(set_to_none=True)
+            modules = self.backend.begin_phase(phase.module)
             loss_sum = torch.zeros((), device=self.device)
             extra_sums: dict[str, list[float]] = {}  # key -> [sum, count] of finite values
             for index, batch in enumerate(batches):
-                if hasattr(module, "set_requires_gradient_sync"):
-                    module.set_requires_gradient_sync(index == len(batches) - 1)
-                with self._autocast():
-                    loss, extra = self.objective.loss(phase.name, self.modules, batch, step)
-                (loss / len(batches)).backward()
+                with self.backend.autocast():
+                    loss, extra = self.objective.loss(phase.name, modules, batch, step)
+                self.backend.backward(phase.module, loss, index, len(batches))
                 loss_sum += loss.detach().float()
                 for key, value in extra.items():
                     acc = extra_sums.setdefault(key, [0.0, 0.0])
                     if math.isfinite(float(value)):  # NaN = "no data" (e.g. an empty time bin)
                         acc[0] += float(value)
                         acc[1] += 1
-            clip = (
-                self.cfg.train.grad_clip if self.cfg.train.grad_clip is not None else float("inf")
-            )
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for p in module.parameters() if p.grad is not None], clip
-            )
-            if hasattr(grad_norm, "full_tensor"):
-                grad_norm = grad_norm.full_tensor()
             loss_mean = D.all_mean(loss_sum / len(batches))
-            finite = bool(torch.isfinite(loss_mean)) and bool(torch.isfinite(grad_norm))
-            if finite:
-                opt.step()
-            else:
-                opt.zero_grad(set_to_none=True)
-                all_finite = False
+            grad_norm, applied = self.backend.finish_phase(
+                phase.module, bool(torch.isfinite(loss_mean))
+            )
+            all_finite = all_finite and applied
             prefix = "" if phase.module == "model" else f"{phase.name}/"
             logs[f"{prefix}loss"] = float(loss_mean)
-            logs[f"{prefix}grad_norm"] = float(grad_norm)
-            logs[f"{prefix}lr"] = opt.param_groups[0]["lr"]
+            logs[f"{prefix}grad_norm"] = grad_norm
+            logs[f"{prefix}lr"] = self.optimizers[phase.module].param_groups[0]["lr"]
             for key, value in D.all_nanmean(extra_sums, self.device).items():
                 logs[f"{prefix}{key}"] = value
-        self._reshard()
+        self.backend.reshard()
         for scheduler in self.schedulers.values():  # every LR follows the global step
             scheduler.step()
         if all_finite:
@@ -436,27 +348,13 @@ class Trainer:
                     rank=self.rank,
                     world_size=self.world_size,
                     guidance=self.cfg.eval.guidance,
+                    text_checks=tuple(self.cfg.eval.text_checks),
+                    gen_ppl_run=self.cfg.eval.gen_ppl_run,
                 )
             )
         self.model.train(was_training)
-        self._reshard()
+        self.backend.reshard()
         return result
-
-    def _reshard(self) -> None:
-        """Return every FSDP2 module to its sharded state.
-
-        A forward under no_grad (a critic scoring generator samples, evaluation) leaves
-        modules with reshard_after_forward=False unsharded; EMA updates, checkpoints and
-        the memory budget all expect sharded parameters between steps.
-        """
-        if self.cfg.parallel.backend != "fsdp2":
-            return
-        from torch.distributed.fsdp import FSDPModule
-
-        for module in self.modules.values():
-            for sub in module.modules():
-                if isinstance(sub, FSDPModule):
-                    sub.reshard()
 
     # --------------------------------------------------------------------------- run
     def run(self) -> int:
@@ -464,7 +362,7 @@ class Trainer:
         resumed = self.maybe_resume()
         start_step = self.counters.step
         if self.rank == 0:
-            n_params = sum(p.numel() for p in self.model.parameters())
+            n_params = self.backend.num_params()
             log.warning(
                 "%s: %s (%.2fM params) on %d rank(s) [%s], %s, steps %d -> %d",
                 "resuming" if resumed else "starting",
@@ -491,6 +389,7 @@ class Trainer:
         last_ckpt_step = start_step if resumed else -1
         try:
             while self.counters.step < cfg.run.max_steps:
+                D.current_step = self.counters.step + 1  # named by collective-timeout reports
                 t0 = time.perf_counter()
                 logs = self.train_step()
                 self.ckpt.poll()

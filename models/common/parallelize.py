@@ -5,6 +5,7 @@ materialises (``to_empty``) and initialises. Families only say which modules are
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,7 +19,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 class ParallelPlan:
     """The few parallelism choices a family's parallelize step needs."""
 
-    backend: str = "fsdp2"  # "fsdp2" | "none"
+    backend: str = "fsdp2"  # "fsdp2" | "deepspeed" | "none"
     param_dtype: str = "fp32"
     reduce_dtype: str = "fp32"
     reshard_after_forward: bool = True
@@ -33,6 +34,18 @@ def _checkpointed(forward):
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
     return run
+
+
+def _input_caster(dtype: torch.dtype):
+    def cast(value):
+        return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+
+    def hook(module, args, kwargs):
+        from torch.utils._pytree import tree_map
+
+        return tree_map(cast, args), tree_map(cast, kwargs)
+
+    return hook
 
 
 def apply_parallelism(
@@ -70,6 +83,11 @@ def apply_parallelism(
         )
         # The root's parameters are needed again right after forward (output head) -> keep them.
         fully_shard(model, mesh=mesh, mp_policy=root_policy, reshard_after_forward=False)
+    elif plan.backend == "deepspeed":  # its engine partitions later, after initialisation
+        if cast_root_inputs and plan.param_dtype != "fp32":
+            # DeepSpeed stores bf16/fp16 weights but, unlike FSDP2's policy, leaves inputs as given
+            caster = _input_caster(DTYPES[plan.param_dtype])
+            model.register_forward_pre_hook(caster, with_kwargs=True)
     elif plan.backend != "none":
         raise ValueError(f"unknown parallel backend {plan.backend!r}")
     if plan.activation_checkpointing:
@@ -79,3 +97,30 @@ def apply_parallelism(
         for block in blocks:
             block.forward = torch.compile(block.forward)
     return model
+
+
+@contextlib.contextmanager
+def gathered_for_inference(module: nn.Module):
+    """Hold every FSDP2 unit of ``module`` unsharded inside the block.
+
+    Forward passes then run without collectives, so ranks may call the model a different
+    number of times (samplers that skip steps where nothing changed, each rank sampling
+    its own share). Every rank must enter and leave the block together. Parameters are
+    resharded and each unit's reshard-after-forward setting restored on exit.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    reshard_flags = []
+    for unit in units:
+        group = unit._get_fsdp_state()._fsdp_param_group
+        reshard_flags.append(group is not None and group.post_forward_mesh_info is not None)
+        unit.set_reshard_after_forward(False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield module
+    finally:
+        for unit, flag in zip(units, reshard_flags, strict=True):
+            unit.set_reshard_after_forward(flag)
+            unit.reshard()
