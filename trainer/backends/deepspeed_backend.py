@@ -16,6 +16,9 @@ What it does, and why:
   schedulers drive the client optimizer's param groups every global step, as under
   FSDP2. DeepSpeed skips the update on every rank when the global gradient norm is not
   finite; a non-finite loss on any rank is turned into one (see ``backward``).
+* **Several trainable modules** (an objective's critic, say): one engine each; a phase
+  runs its own engine and sees the others as plain modules with gradients off, which is
+  what FSDP2's per-phase zero_grad amounts to (see ``begin_phase``).
 * **EMA** (:class:`PartitionedEMA`): each rank averages the fp32 master values it owns
   (its ZeRO partition of every parameter), so no rank ever holds a full EMA.
 * **Frozen companions** (text encoders) that can shard themselves (``shard_for``, e.g.
@@ -81,8 +84,6 @@ RESERVED: dict[str, str] = {
     "zero_optimization.compute_grad_norm": "set by the trainer (it logs and guards the norm)",
     "checkpoint.load_universal": "set by the trainer when a run resumes on another number of ranks",
 }
-
-TAG_FILES = ("*model_states.pt", "*optim_states.pt")
 
 
 def _deep_merge(base: dict, extra: dict) -> dict:
@@ -726,9 +727,16 @@ class DeepSpeedBackend(Backend):
             param.requires_grad_(True)
         self._frozen_for_phase = []
         norm = engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else float("nan")
         applied = bool(engine.was_step_applied())
         assert loss_finite or not applied, "a non-finite loss must have skipped the step"
-        return (float(norm) if norm is not None else float("nan")), applied
+        if not applied and loss_finite and self.parallel.mixed_precision == "fp16":
+            # fp16 dynamic loss scaling: DeepSpeed skipped an overflowing step and lowered
+            # the scale. That is how it calibrates, not a divergence for the loop to count
+            # (DeepSpeed itself stops at its minimum scale).
+            log.info("fp16 loss scale overflow: DeepSpeed skipped the update and rescaled")
+            return norm, True
+        return norm, applied
 
     # ------------------------------------------------------------------- checkpoints
     def checkpoint_state(self, ema) -> dict[str, Any]:
