@@ -32,7 +32,7 @@ sequence (blocks: 1 for MDLM / SEDD, L / block_size for BD3-LM).
 from __future__ import annotations
 
 import math
-from abc import abstractmethod
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -54,17 +54,19 @@ _STEP_KEY = 2**62  # sample_seed index of the per-step time offset; no sequence 
 # ------------------------------------------------------------------------- schedules
 
 
-class NoiseSchedule:
+class NoiseSchedule(ABC):
     """sigma_bar(t) and its rate; alpha, mask probability and the NELBO weight follow.
 
     Methods take and return float64 tensors (probabilities near 0 and 1 need the range).
     """
 
+    @abstractmethod
     def total(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Total noise sigma_bar(t)."""
 
+    @abstractmethod
     def rate(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """Its time derivative d sigma_bar / dt."""
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         """Probability that a token is still clean at time t."""
