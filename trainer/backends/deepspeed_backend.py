@@ -26,7 +26,7 @@ What it does, and why:
   never step, so FSDP2's per-layer gather is all they need); otherwise they are
   replicated, which suits small ones.
 * **Checkpoints** go into the usual step directory: ``deepspeed/<module>/`` (DeepSpeed's
-  ``save_checkpoint``), ``ema/rank_XXXXX.pt`` (each rank's EMA ranges), plus the loop's
+  ``save_checkpoint``), ``ema/rank_<rank, 5 digits>.pt`` (each rank's EMA ranges), plus the loop's
   per-rank files, ``trainer.pt`` and ``meta.json``. Resuming on another number of ranks
   converts the step to DeepSpeed's universal format once (rank 0, into ``universal/``,
   published by a rename) and loads that; EMA ranges are re-cut by offset.
@@ -651,7 +651,7 @@ class DeepSpeedBackend(Backend):
         model = build_initialised(
             family, model_cfg, parallel_plan(self.parallel), None, self.device, seed
         )
-        # Counted before ZeRO-3 leaves each rank an empty placeholder per parameter.
+        # Counted before ZeRO-3 leaves each rank a 0-element tensor in place of each parameter.
         self.flops_per_sample = getattr(model, "flops_per_sample", lambda: None)()
         self._num_params = sum(p.numel() for p in model.parameters())
         return self._engine("model", model, opt_cfg)
