@@ -28,6 +28,12 @@ def arith_lines(num: int, seed: int) -> list[str]:
     return [f"{a} + {b} = {a + b}" for a, b in operands]
 
 
+def is_wellformed_arith(line: str) -> bool:
+    """True when ``line`` has the corpus's format ``A + B = C`` (A, B in 0..99, C in 0..999,
+    no leading zeros, single spaces), whether or not the sum is right."""
+    return _LINE.fullmatch(line) is not None
+
+
 def is_valid_arith(line: str) -> bool:
     """True when ``line`` is exactly ``A + B = C`` (format as generated) and A + B == C."""
     match = _LINE.fullmatch(line)
@@ -42,8 +48,15 @@ def complete_lines(text: str) -> list[str]:
 
 
 def arith_score(texts: list[str]) -> dict[str, float]:
-    """``valid_frac``: valid complete lines / complete lines (0 when there are none);
+    """``valid_frac``: correct complete lines / complete lines (0 when there are none);
+    ``wellformed_frac``: complete lines in the corpus's format, right sum or not;
     ``complete_lines``: how many complete lines the texts hold."""
     lines = [line for text in texts for line in complete_lines(text)]
     valid = sum(is_valid_arith(line) for line in lines)
-    return {"valid_frac": valid / len(lines) if lines else 0.0, "complete_lines": len(lines)}
+    wellformed = sum(is_wellformed_arith(line) for line in lines)
+    share = (lambda count: count / len(lines)) if lines else (lambda count: 0.0)
+    return {
+        "valid_frac": share(valid),
+        "wellformed_frac": share(wellformed),
+        "complete_lines": len(lines),
+    }

@@ -64,8 +64,18 @@ def test_complete_lines_and_score():
     assert complete_lines(text) == ["3 + 4 = 7", "5 + 5 = 11", "1 + 1 = 2"]
     assert complete_lines("1 + 1 = 2") == []  # a single line is cut on both sides
     score = arith_score([text, "x\n2 + 2 = 4\ny"])
-    assert score == {"valid_frac": 3 / 4, "complete_lines": 4}
-    assert arith_score(["no lines"]) == {"valid_frac": 0.0, "complete_lines": 0}
+    assert score == {"valid_frac": 3 / 4, "wellformed_frac": 1.0, "complete_lines": 4}
+    assert arith_score(["no lines"]) == {
+        "valid_frac": 0.0,
+        "wellformed_frac": 0.0,
+        "complete_lines": 0,
+    }
+    # a wrong sum is well formed; a leading zero or a double space is not
+    assert arith_score(["-\n3 + 4 = 8\n03 + 4 = 7\n3  + 4 = 7\n-"]) == {
+        "valid_frac": 0.0,
+        "wellformed_frac": 1 / 3,
+        "complete_lines": 3,
+    }
     # baseline: shuffled characters of real lines are (almost) never valid
     real = "\n".join(arith_lines(200, 0))
 
@@ -74,6 +84,7 @@ def test_complete_lines_and_score():
     junk = "\n".join("".join(chars[i : i + 11]) for i in range(0, len(chars), 11))
     assert arith_score([real])["valid_frac"] == 1.0
     assert arith_score([junk])["valid_frac"] < 0.05
+    assert arith_score([junk])["wellformed_frac"] < 0.05
 
 
 def test_build_builtin_arith_writes_one_line_per_sample(tmp_path, capsys):

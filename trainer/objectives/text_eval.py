@@ -11,7 +11,8 @@ One call of ``evaluate_lm`` during training (every ``eval.every`` steps) reports
 - ``eval/gen_ppl``: perplexity of those samples under a trained AR model
   (``eval.gen_ppl_run``, a run directory), the usual sample-quality measure;
 - ``eval/arith_valid_frac`` with ``eval.text_checks: [arith]``: the fraction of complete
-  sample lines that are correct ``A + B = C`` statements (the builtin:arith corpus).
+  sample lines that are correct ``A + B = C`` statements (the builtin:arith corpus), and
+  ``eval/arith_wellformed_frac``: the fraction in that format whatever the sum.
 
 Shapes: B sequences, L tokens.
 """
@@ -157,6 +158,7 @@ def evaluate_lm(objective, ctx: EvalContext) -> dict[str, float]:
 
         score = arith_score(texts)
         logs["eval/arith_valid_frac"] = score["valid_frac"]
+        logs["eval/arith_wellformed_frac"] = score["wellformed_frac"]
         logs["eval/complete_lines"] = float(score["complete_lines"])
     if ctx.gen_ppl_run:
         all_tokens = _gather_tokens(tokens_NL)
