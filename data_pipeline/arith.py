@@ -54,9 +54,9 @@ def arith_score(texts: list[str]) -> dict[str, float]:
     lines = [line for text in texts for line in complete_lines(text)]
     valid = sum(is_valid_arith(line) for line in lines)
     wellformed = sum(is_wellformed_arith(line) for line in lines)
-    share = (lambda count: count / len(lines)) if lines else (lambda count: 0.0)
+    total = max(len(lines), 1)  # no lines: both shares are 0
     return {
-        "valid_frac": share(valid),
-        "wellformed_frac": share(wellformed),
+        "valid_frac": valid / total,
+        "wellformed_frac": wellformed / total,
         "complete_lines": len(lines),
     }
