@@ -178,6 +178,15 @@ class FeedForward(nn.Module):
         return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
+class _Head(nn.Linear):
+    """Output projection with its bias added out of place: F.linear's fused bias on 3-D
+    input returns a view, and FSDP2 warns about view outputs of the root module. The extra
+    pass over the logits is cheap next to the matmul. Same parameters as nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight) + self.bias
+
+
 def _norm(dim: int, conditioned: bool) -> nn.LayerNorm:
     # adaLN supplies scale and shift when conditioned; otherwise the norm learns a scale
     return layer_norm(dim) if conditioned else nn.LayerNorm(dim, eps=1e-6, bias=False)
@@ -195,8 +204,10 @@ def _per_token(
 class DLMBlock(nn.Module):
     """Pre-norm block: (adaLN-modulated) attention with RoPE, then the MLP.
 
-    Pure function of its inputs: it returns the current tokens' keys / values and the
-    model stores them, so activation checkpointing can recompute it safely.
+    Pure function of its inputs: with ``keep_kv`` it returns the current tokens' keys /
+    values and the model stores them, so activation checkpointing can recompute it safely.
+    Without, it returns None for both: they are views of the projection, and FSDP2 warns
+    about (in-place hazards on) view outputs of a wrapped module.
     """
 
     def __init__(
@@ -222,7 +233,8 @@ class DLMBlock(nn.Module):
         attn_mask: torch.Tensor | None,
         past_k: torch.Tensor | None,
         past_v: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keep_kv: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         b, seq, dim = x_BLD.shape
         h = self.norm_attn(x_BLD)
         if self.mod is not None:
@@ -237,6 +249,8 @@ class DLMBlock(nn.Module):
         values = v if past_v is None else torch.cat([past_v.to(v.dtype), v], dim=2)
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)
         attn = self.attn_out(attn.transpose(1, 2).reshape(b, seq, dim))
+        if not keep_kv:
+            k = v = None
         if self.mod is None:
             x_BLD = x_BLD + attn
             return x_BLD + self.mlp(self.norm_mlp(x_BLD)), k, v
@@ -265,7 +279,7 @@ class DLM(nn.Module):
         )
         self.final_norm = _norm(width, cond_dim is not None)
         self.final_mod = AdaLNModulation(width, 2, cond_dim) if cond_dim else None  # shift, scale
-        self.head = nn.Linear(width, cfg.vocab_size)
+        self.head = _Head(width, cfg.vocab_size)
 
     def new_kv_cache(self) -> KVCache:
         return KVCache(len(self.blocks), capacity=self.max_seq_len)
@@ -326,7 +340,9 @@ class DLM(nn.Module):
         store = kv_cache is not None and not kv_cache.frozen
         for layer, block in enumerate(self.blocks):
             past_k, past_v = kv_cache.past(layer) if kv_cache is not None else (None, None)
-            x_BLD, k, v = block(x_BLD, cond_NC, cond_index_BL, cos, sin, attn_mask, past_k, past_v)
+            x_BLD, k, v = block(
+                x_BLD, cond_NC, cond_index_BL, cos, sin, attn_mask, past_k, past_v, store
+            )
             if store:
                 kv_cache.store(layer, k, v)
         if store:
