@@ -59,10 +59,14 @@ demo: $(STAMP) $(TOKENIZER)
 	$(PY) -m trainer.plot $(DEMO_RUN)
 	@echo "samples: $(DEMO_RUN)/demo_samples/grid.png (a row per digit)   loss: $(DEMO_RUN)/loss.png   metrics: $(DEMO_RUN)/metrics.jsonl"
 
+# pytest-xdist workers; each module stays on one worker (its fixtures are built once).
+# Many tests start 2-rank runs of their own, so more workers than cores only adds contention.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

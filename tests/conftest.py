@@ -88,3 +88,28 @@ def s3_endpoint(monkeypatch):
     yield url
     s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
+
+
+# ----------------------------------------------------------------- parallel test runs
+# `make test` runs the suite on 2 pytest-xdist workers with --dist loadscope: a module's
+# tests share one worker, so its module-scoped fixtures (trained runs, built shards,
+# daemons) are built once. (loadgroup would merge modules, but it silently stops grouping
+# under pytest 9.2: pytest-dev/pytest-xdist#1386.) Modules that use Ray each start their
+# own instance on their own ports, so they may overlap.
+# Longest modules first, so the short ones fill in beside them instead of after them
+# (kept as collected by --no-loadscope-reorder; xdist would otherwise put the modules
+# with the most tests first).
+SLOW_FIRST = [
+    "tests/e2e/test_language_models.py",
+    "tests/cluster/test_slurm.py",
+    "tests/e2e/test_deepspeed.py",
+    "tests/cluster/test_ray.py",
+]
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = Path(item.fspath).resolve().relative_to(REPO).as_posix()
+        return SLOW_FIRST.index(path) if path in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: collection order within a module is kept

@@ -70,6 +70,7 @@ def ray_address():
     import ray
 
     ray.init(
+        address="local",  # a new instance, never a head another test started on this machine
         num_cpus=2,
         include_dashboard=False,
         object_store_memory=100 << 20,
