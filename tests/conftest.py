@@ -109,7 +109,7 @@ SLOW_FIRST = [
 
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> int:
-        path = Path(item.fspath).resolve().relative_to(REPO).as_posix()
+        path = item.path.relative_to(REPO).as_posix()
         return SLOW_FIRST.index(path) if path in SLOW_FIRST else len(SLOW_FIRST)
 
     items.sort(key=rank)  # stable: collection order within a module is kept
