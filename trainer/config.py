@@ -488,7 +488,26 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     data: dict = {}
     for layer in layers:
         data = merge_layer(data, layer)
-    return from_dict(Config, data, source=str(path), layers=layers)
+    # A run's own config.yaml spells out every field, defaults included; none of them was
+    # written on purpose, so relaunching it (to resume) must not trip the "has no effect"
+    # checks. Only its command-line overrides count as written.
+    given = layers[-1:] if is_resolved_config(path) else layers
+    return from_dict(Config, data, source=str(path), layers=given or [{}])
+
+
+RESOLVED_HEADER = (
+    "# Resolved config written by the trainer (every field, defaults included).\n"
+    "# `python -m trainer.launch <this file>` reruns the run and resumes from its checkpoints.\n"
+)
+
+
+def is_resolved_config(path: str | Path) -> bool:
+    """Whether ``path`` is a config.yaml the trainer wrote (see ``dump_config``)."""
+    try:
+        with open(path) as f:
+            return f.read(len(RESOLVED_HEADER)) == RESOLVED_HEADER
+    except OSError:
+        return False
 
 
 UNION_SECTIONS = ("model", "objective", "data")
@@ -519,8 +538,8 @@ def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
 
 
 def dump_config(cfg: Config) -> str:
-    """The fully resolved config as YAML text."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The fully resolved config as YAML text, headed so ``load_config`` knows it for one."""
+    return RESOLVED_HEADER + yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
 def check_world_size(cfg: Config, world_size: int) -> tuple[int, int]:

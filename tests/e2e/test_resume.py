@@ -69,6 +69,19 @@ def test_exact_resume_is_bit_identical(tmp_path, async_save):
     assert a == b
 
 
+def test_relaunching_the_run_config_resumes(tmp_path):
+    """``trainer.launch RUN/config.yaml`` continues the run from its latest checkpoint (the
+    dump's inert defaults, such as min_lr_ratio with a constant schedule, are no error)."""
+    run = tmp_path / "run"
+    common = (*COMMON, "schedule.name=constant", "checkpoint.every=5")
+    run_launch(RECIPE, f"run.output_dir={run}", "run.max_steps=10", *common)
+    assert latest_step(run) == 10
+    proc = run_launch(run / "config.yaml", "run.max_steps=15")
+    assert "resuming" in proc.stderr
+    assert latest_step(run) == 15
+    assert sorted(train_losses(run)) == list(range(1, 16))
+
+
 @pytest.mark.parametrize(("first", "second"), [(2, 1), (1, 2)])
 def test_resume_on_a_different_number_of_ranks(tmp_path, first, second):
     """DCP reshards model/optimizer/EMA; per-sample noise keeps training the same function."""

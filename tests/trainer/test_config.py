@@ -548,6 +548,27 @@ def test_dump_config_round_trips_with_default_options(tmp_path):
     assert config_from_dict(yaml.safe_load(dump_config(cfg))) == cfg
 
 
+def test_run_config_yaml_relaunches_despite_inert_defaults(tmp_path):
+    """A run's config.yaml lists every field, so with a constant schedule it holds
+    ``schedule.min_lr_ratio`` and with EMA off ``ema.decay``. Relaunching it (to resume)
+    loads to the same Config; only its command-line overrides count as written."""
+    cfg = load_config(recipe(tmp_path, {"schedule": {"name": "constant"}}))
+    assert cfg.ema.enabled is False
+    dumped = tmp_path / "run" / "config.yaml"
+    dumped.parent.mkdir()
+    dumped.write_text(dump_config(cfg))
+    assert load_config(dumped) == cfg
+    assert load_config(dumped, ["run.max_steps=7"]).run.max_steps == 7
+    # an override that has no effect is still reported
+    assert paths_of(problems_of(dumped, ["schedule.min_lr_ratio=0.5"])) == ["schedule.min_lr_ratio"]
+    # the same mapping without the trainer's header is a hand-written recipe: the inert
+    # keys are errors, as they would be for a user
+    body = dump_config(cfg).split("\n", 2)[2]
+    assert body.startswith("run:")
+    plain = write(tmp_path / "plain.yaml", yaml.safe_load(body))
+    assert {"schedule.min_lr_ratio", "ema.decay"} <= set(paths_of(problems_of(plain)))
+
+
 # ---------------------------------------------------------------------------------- CLI
 
 
