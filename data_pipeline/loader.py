@@ -59,6 +59,31 @@ class DataError(RuntimeError):
     """Data problems beyond the allowed bound (too many corrupt samples, no shards)."""
 
 
+def find_shards(spec: str | list[str]) -> list[str]:
+    """``data.urls`` expanded to shard URLs; a missing folder or an empty match is a DataError."""
+    try:
+        urls = expand_urls(spec)
+    except FileNotFoundError as err:
+        raise DataError(f"data.urls: {err}") from None
+    if not urls:
+        raise DataError(f"data.urls {spec} matched no shards")
+    return urls
+
+
+def shard_indexes(spec: str | list[str]) -> list[ShardIndex]:
+    """The index of every shard ``data.urls`` names (read in parallel: object stores)."""
+    urls = find_shards(spec)
+
+    def load(url: str) -> ShardIndex:
+        try:
+            return load_index(url)
+        except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
+            raise DataError(f"data.urls: shard {url}: {err}") from None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        return list(pool.map(load, urls))
+
+
 @dataclass(kw_only=True)
 class WebDatasetConfig:
     name: str = option("webdataset", "Data source.")
@@ -212,11 +237,7 @@ class WebDatasetSource:
         self.rank = rank
         self.world_size = world_size
         self.accum_steps = accum_steps
-        urls = expand_urls(cfg.urls)
-        if not urls:
-            raise DataError(f"data.urls {cfg.urls} matched no shards")
-        with ThreadPoolExecutor(max_workers=8) as pool:  # many small index reads on object stores
-            self.indexes = list(pool.map(load_index, urls))
+        self.indexes = shard_indexes(cfg.urls)
         default = micro_batch * accum_steps * world_size
         self.batch_sizes = list(cfg.bucket_batch_sizes or [default] * len(cfg.resolutions))
         for size in self.batch_sizes:

@@ -46,8 +46,8 @@ import fsspec
 import numpy as np
 import torch
 
-from data_pipeline.loader import DataError
-from data_pipeline.shards import ShardIndex, expand_urls, load_index, retry
+from data_pipeline.loader import DataError, shard_indexes
+from data_pipeline.shards import ShardIndex, retry
 from data_pipeline.sources import agreed_position
 from trainer.configlib import option
 
@@ -331,14 +331,7 @@ class TokenStreamSource:
         self.accum_steps = accum_steps
         self.global_batch = self.last_global_batch = micro_batch * accum_steps * world_size
         self.seq_len = cfg.seq_len
-        try:
-            urls = expand_urls(cfg.urls)
-        except FileNotFoundError as err:
-            raise DataError(f"data.urls: {err}") from None
-        if not urls:
-            raise DataError(f"data.urls {cfg.urls} matched no shards")
-        with ThreadPoolExecutor(max_workers=8) as pool:  # many small reads on object stores
-            self.indexes = list(pool.map(load_index, urls))
+        self.indexes = shard_indexes(cfg.urls)
         self.checksum = self._shards_checksum()
         self.tokenizer = self._load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
         self.plan = TokenPlan(

@@ -37,6 +37,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_inputs(cfg) -> list[str]:
+    """Input files the ranks would fail to open, found once before any rank (or Ray
+    worker, which Ray would restart in vain) starts: the shards ``data.urls`` names and
+    the tokenizer models. Only what is certainly missing is reported; a store that fails
+    to answer is left for the ranks, which retry."""
+    import fsspec
+
+    from data_pipeline.loader import DataError, find_shards
+
+    problems = []
+    urls = getattr(cfg.data, "urls", None)
+    if urls:
+        try:
+            first = find_shards(urls)[0]
+            fs, path = fsspec.core.url_to_fs(first)
+            if not fs.exists(path):
+                problems.append(f"data.urls: shard {first} does not exist")
+        except DataError as err:
+            problems.append(str(err))
+        except OSError:
+            pass
+    for section in ("data", "objective"):
+        url = getattr(getattr(cfg, section), "tokenizer", None)
+        if not isinstance(url, str) or not url:
+            continue
+        try:
+            fs, path = fsspec.core.url_to_fs(url)
+            if not fs.exists(path):
+                problems.append(f"{section}.tokenizer: {url} does not exist")
+            elif fs.isdir(path):
+                problems.append(f"{section}.tokenizer: {url} is a folder, not a .model file")
+        except OSError:
+            pass
+    return problems
+
+
 def supervise_local(num_workers: int, argv: list[str], node: SlurmNode | None = None) -> int:
     """Start ``num_workers`` ranks of this same command on this machine and wait for them.
 
@@ -120,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    problems = check_inputs(cfg)
+    if problems:
+        print(f"error: {ConfigError(problems, args.recipe)}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
 
     from cluster.env import detect, slurm_node
 
@@ -145,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         return supervise_local(cfg.cluster.num_workers, argv)
 
+    from data_pipeline.loader import DataError
+    from data_pipeline.tokenizer import TokenizerError
     from trainer.loop import TrainingDiverged, train
 
     try:
@@ -152,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    except TrainingDiverged as err:
+    except (TrainingDiverged, DataError, TokenizerError) as err:
+        # data found broken after the start (corrupt shards, a tokenizer that does not
+        # match them): a message, not a traceback
         print(f"error: {err}", file=sys.stderr)
         return EXIT_FAILED
     except RuntimeError as err:

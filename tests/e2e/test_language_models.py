@@ -236,6 +236,39 @@ def test_mdlm_resumes_exactly_and_across_rank_counts(arith, tmp_path):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-4)
 
 
+def test_tokenizer_that_did_not_build_the_shards_is_a_clean_error(arith, tmp_path):
+    """A tokenizer other than the one recorded in the shards stops the run at start with
+    one ``error:`` line (exit 1), not a traceback."""
+    text = Path(arith[0].split("=", 1)[1]).parent / "text"
+    other = tmp_path / "other"
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "data_pipeline.tokenizer",
+            "train",
+            "--input",
+            str(text),
+            "--out",
+            str(other),
+            "--vocab-size",
+            "24",
+        ]
+    )
+    run = tmp_path / "run"
+    proc = run_launch(
+        recipe("mdlm"),
+        *arith,
+        f"data.tokenizer={other}.model",
+        f"run.output_dir={run}",
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"error: data.tokenizer {other}.model" in proc.stderr
+    assert "is not the tokenizer the shards" in proc.stderr
+
+
 def test_zero3_evaluation_matches_fsdp2_when_ranks_sample_unequally(arith, tmp_path):
     """DeepSpeed ZeRO-3 evaluates with its parameters partitioned. One sample on 2 ranks
     means rank 0 runs 64 sampler steps (skipping those that changed nothing) and rank 1 runs

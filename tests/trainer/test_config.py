@@ -592,3 +592,55 @@ def test_launcher_reports_bad_recipe_without_traceback(tmp_path):
         assert f"{key}:" in proc.stderr
     assert not run_dir.exists()
     assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("recipe_name", "overrides", "expected"),
+    [
+        (
+            "mdlm",
+            ["data.urls={missing}", "objective.tokenizer={missing}.model"],
+            ["data.urls: ", "objective.tokenizer: {missing}.model does not exist"],
+        ),
+        ("digits_flow", ["data.urls={missing}"], ["data.urls: "]),
+        (
+            "mdlm",
+            ["data.urls={empty}/shard-{{000000..000001}}.tar", "data.tokenizer={empty}"],
+            [
+                "data.urls: shard {empty}/shard-000000.tar does not exist",
+                "data.tokenizer: {empty} is a folder, not a .model file",
+            ],
+        ),
+        ("mdlm", ["data.urls={empty}"], ["data.urls: no .tar shards under {empty}"]),
+    ],
+)
+def test_launcher_reports_missing_inputs_before_starting_ranks(
+    tmp_path, recipe_name, overrides, expected
+):
+    """Missing shards or tokenizer models are reported once by the launcher, before it
+    starts 2 ranks: exit 2, one ``error:`` report naming the keys, no traceback, no run
+    directory (no rank ever ran)."""
+    paths = {"missing": tmp_path / "missing", "empty": tmp_path / "empty"}
+    paths["empty"].mkdir()
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "trainer.launch",
+            str(REPO / "recipes" / "tiny" / f"{recipe_name}.yaml"),
+            *(o.format(**paths) for o in overrides),
+            f"run.output_dir={run_dir}",
+            "cluster.num_workers=2",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("error:") == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "rank" not in proc.stderr, proc.stderr
+    for text in expected:
+        assert f"  - {text.format(**paths)}" in proc.stderr, proc.stderr
+    assert not run_dir.exists()
