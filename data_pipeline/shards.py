@@ -236,7 +236,11 @@ def expand_urls(spec: str | Iterable[str]) -> list[str]:
                 urls.append(url)
                 continue
             fs, path = fsspec.core.url_to_fs(url)
-            found = sorted(p for p in fs.ls(path, detail=False) if p.endswith(".tar"))
+            try:
+                listing = fs.ls(path, detail=False)
+            except FileNotFoundError:  # s3fs names only the key; say what was asked for
+                raise FileNotFoundError(f"no such file or folder: {url}") from None
+            found = sorted(p for p in listing if p.endswith(".tar"))
             if not found:
                 raise FileNotFoundError(f"no .tar shards under {url}")
             protocol = (

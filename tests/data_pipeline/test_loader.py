@@ -200,6 +200,26 @@ def test_shards_on_s3(s3_endpoint, tmp_path):
     s3fs.S3FileSystem.clear_instance_cache()
 
 
+def test_launcher_input_check_on_s3(s3_endpoint, tmp_path):
+    """The launcher's pre-start check lists an S3 prefix: shards there pass, an empty
+    prefix and a missing shard of a brace pattern are reported under data.urls."""
+    import s3fs
+
+    from trainer.launch import check_inputs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    urls = "s3://ckpts/check-test"
+    write_dataset(urls, [3, 2])
+    cfg = load_config("recipes/tiny/digits_flow.yaml", [f"data.urls={urls}"])
+    assert check_inputs(cfg) == []
+    cfg = load_config("recipes/tiny/digits_flow.yaml", ["data.urls=s3://ckpts/nothing-here"])
+    assert check_inputs(cfg) == ["data.urls: no such file or folder: s3://ckpts/nothing-here"]
+    missing = urls + "/part-{000000..000001}.tar"
+    cfg = load_config("recipes/tiny/digits_flow.yaml", [f"data.urls={missing}"])
+    assert check_inputs(cfg) == [f"data.urls: shard {urls}/part-000000.tar does not exist"]
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
 def test_recipe_validation_of_the_data_section(tmp_path):
     from trainer.configlib import ConfigError
 

@@ -600,9 +600,12 @@ def test_launcher_reports_bad_recipe_without_traceback(tmp_path):
         (
             "mdlm",
             ["data.urls={missing}", "objective.tokenizer={missing}.model"],
-            ["data.urls: ", "objective.tokenizer: {missing}.model does not exist"],
+            [
+                "data.urls: no such file or folder: {missing}",
+                "objective.tokenizer: {missing}.model does not exist",
+            ],
         ),
-        ("digits_flow", ["data.urls={missing}"], ["data.urls: "]),
+        ("digits_flow", ["data.urls={missing}"], ["data.urls: no such file or folder: {missing}"]),
         (
             "mdlm",
             ["data.urls={empty}/shard-{{000000..000001}}.tar", "data.tokenizer={empty}"],
