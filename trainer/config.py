@@ -492,7 +492,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     # written on purpose, so relaunching it (to resume) must not trip the "has no effect"
     # checks. Only its command-line overrides count as written.
     given = layers[-1:] if is_resolved_config(path) else layers
-    return from_dict(Config, data, source=str(path), layers=given or [{}])
+    return from_dict(Config, data, source=str(path), layers=given)
 
 
 RESOLVED_HEADER = (

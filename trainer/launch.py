@@ -20,6 +20,7 @@ from trainer.configlib import ConfigError
 
 if TYPE_CHECKING:
     from cluster.env import SlurmNode
+    from trainer.config import Config
 from trainer.signals import EXIT_COLLECTIVE_TIMEOUT, EXIT_CONFIG_ERROR, EXIT_FAILED
 
 
@@ -37,13 +38,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_inputs(cfg) -> list[str]:
-    """Input files the ranks would fail to open, found once before any rank (or Ray
-    worker, which Ray would restart in vain) starts: the shards ``data.urls`` names and
-    the tokenizer models. Only what is certainly missing is reported; a store that fails
-    to answer is left for the ranks, which retry."""
-    import fsspec
-
+def check_inputs(cfg: Config) -> list[str]:
+    """Inputs the ranks would fail to open, found before they start: the shard folders or
+    patterns ``data.urls`` names (listed, and the first shard looked up) and the tokenizer
+    models. Only what the store says is missing is reported; a store that cannot answer
+    (no credentials, unreachable, no fsspec backend) is left to the ranks, which retry."""
     from data_pipeline.loader import DataError, find_shards
 
     problems = []
@@ -51,26 +50,39 @@ def check_inputs(cfg) -> list[str]:
     if urls:
         try:
             first = find_shards(urls)[0]
-            fs, path = fsspec.core.url_to_fs(first)
-            if not fs.exists(path):
-                problems.append(f"data.urls: shard {first} does not exist")
         except DataError as err:
             problems.append(str(err))
-        except OSError:
-            pass
+        except Exception:
+            first = None
+        else:
+            if _lookup(first) == "missing":
+                problems.append(f"data.urls: shard {first} does not exist")
     for section in ("data", "objective"):
         url = getattr(getattr(cfg, section), "tokenizer", None)
-        if not isinstance(url, str) or not url:
-            continue
-        try:
-            fs, path = fsspec.core.url_to_fs(url)
-            if not fs.exists(path):
+        if isinstance(url, str) and url:
+            found = _lookup(url)
+            if found == "missing":
                 problems.append(f"{section}.tokenizer: {url} does not exist")
-            elif fs.isdir(path):
+            elif found == "directory":
                 problems.append(f"{section}.tokenizer: {url} is a folder, not a .model file")
-        except OSError:
-            pass
     return problems
+
+
+def _lookup(url: str) -> str | None:
+    """'missing', 'directory' or 'file' as the store answers; None when it cannot answer."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
+        if any(p.startswith("http") for p in protocols):
+            return None  # fsspec's HTTP store calls every failure "not found"
+        info = fs.info(path)
+    except FileNotFoundError:
+        return "missing"
+    except Exception:
+        return None
+    return "directory" if info.get("type") == "directory" else "file"
 
 
 def supervise_local(num_workers: int, argv: list[str], node: SlurmNode | None = None) -> int:
@@ -156,10 +168,17 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
-    problems = check_inputs(cfg)
-    if problems:
-        print(f"error: {ConfigError(problems, args.recipe)}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+    # once per launcher: the ranks a local supervisor starts skip it
+    if os.environ.get("GENFLOW_LOCAL_SUPERVISOR") != "1" and (problems := check_inputs(cfg)):
+        from cluster.ray_train import in_ray_job
+
+        if cfg.cluster.launcher == "ray" or (cfg.cluster.launcher == "auto" and in_ray_job()):
+            # the driver's node may not see what the workers' nodes see (node-local copies)
+            for problem in problems:
+                print(f"warning: {problem} (on this node; Ray workers may see it)", file=sys.stderr)
+        else:
+            print(f"error: {ConfigError(problems, args.recipe)}", file=sys.stderr)
+            return EXIT_CONFIG_ERROR
 
     from cluster.env import detect, slurm_node
 

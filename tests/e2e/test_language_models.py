@@ -269,6 +269,7 @@ def test_tokenizer_that_did_not_build_the_shards_is_a_clean_error(arith, tmp_pat
     assert "is not the tokenizer the shards" in proc.stderr
 
 
+@pytest.mark.slow
 def test_zero3_evaluation_matches_fsdp2_when_ranks_sample_unequally(arith, tmp_path):
     """DeepSpeed ZeRO-3 evaluates with its parameters partitioned. One sample on 2 ranks
     means rank 0 runs 64 sampler steps (skipping those that changed nothing) and rank 1 runs

@@ -643,7 +643,50 @@ def test_launcher_reports_missing_inputs_before_starting_ranks(
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("error:") == 1, proc.stderr
-    assert "Traceback" not in proc.stderr and "rank" not in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and "launch: rank" not in proc.stderr, proc.stderr
     for text in expected:
         assert f"  - {text.format(**paths)}" in proc.stderr, proc.stderr
     assert not run_dir.exists()
+
+
+def test_input_check_leaves_stores_that_cannot_answer_to_the_ranks(tmp_path, monkeypatch):
+    """An S3 endpoint that refuses connections or an HTTP tokenizer are not called
+    missing: the ranks retry and report them. A missing local file still is."""
+    from trainer.launch import check_inputs
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    cfg = load_config(
+        REPO / "recipes" / "tiny" / "mdlm.yaml",
+        [
+            "data.urls=s3://nobody/shards",
+            "data.tokenizer=http://127.0.0.1:9/arith.model",
+            f"objective.tokenizer={tmp_path}/nope.model",
+        ],
+    )
+    assert check_inputs(cfg) == [f"objective.tokenizer: {tmp_path}/nope.model does not exist"]
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_missing_inputs_are_warnings_under_ray(tmp_path, monkeypatch, capsys):
+    """A Ray job's driver may run on a node without the workers' node-local data, so there
+    the check warns and the launch goes on to Ray (whose workers then report)."""
+    import cluster.ray_train
+    from trainer import launch
+
+    started = []
+    monkeypatch.setattr(cluster.ray_train, "run_ray", lambda cfg, fresh: started.append(cfg) or 0)
+    recipe_path = str(REPO / "recipes" / "tiny" / "mdlm.yaml")
+    args = [recipe_path, f"data.urls={tmp_path}/nope", f"run.output_dir={tmp_path}/run"]
+    assert launch.main([*args, "cluster.launcher=ray"]) == 0
+    assert len(started) == 1
+    err = capsys.readouterr().err
+    assert f"warning: data.urls: no such file or folder: {tmp_path}/nope" in err
+    assert "error:" not in err
+    assert launch.main([*args, "cluster.launcher=local"]) == 2
+    assert "error: 1 problem(s)" in capsys.readouterr().err and len(started) == 1
