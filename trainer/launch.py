@@ -168,11 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    from cluster.ray_train import in_ray_job
+
+    wants_ray = cfg.cluster.launcher == "ray" or (cfg.cluster.launcher == "auto" and in_ray_job())
     # once per launcher: the ranks a local supervisor starts skip it
     if os.environ.get("GENFLOW_LOCAL_SUPERVISOR") != "1" and (problems := check_inputs(cfg)):
-        from cluster.ray_train import in_ray_job
-
-        if cfg.cluster.launcher == "ray" or (cfg.cluster.launcher == "auto" and in_ray_job()):
+        if wants_ray:
             # the driver's node may not see what the workers' nodes see (node-local copies)
             for problem in problems:
                 print(f"warning: {problem} (on this node; Ray workers may see it)", file=sys.stderr)
@@ -189,11 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         return supervise_local(cfg.cluster.num_workers, argv, node=node)
 
     env = detect(cfg.cluster.launcher)
-    from cluster.ray_train import in_ray_job
-
-    if env.kind == "single" and (
-        cfg.cluster.launcher == "ray" or (cfg.cluster.launcher == "auto" and in_ray_job())
-    ):
+    if env.kind == "single" and wants_ray:
         from cluster.ray_train import run_ray
 
         return run_ray(cfg, fresh=args.fresh)
