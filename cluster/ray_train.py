@@ -20,6 +20,13 @@ paths (data, tokenizers) resolve inside the working-dir copy, which every worker
 Outside a job, relative paths resolve against the launching directory, and the workers
 run in that directory when their node has it (a shared file system).
 
+Stopping: ``ray job stop`` (SIGTERM to the driver) and SIGUSR1 stop a run as they stop a
+local or SLURM one: the driver passes the request to the workers (a small Ray actor they
+poll once a second), they save a checkpoint at the next step boundary and return, and the
+driver exits 75. Ray SIGKILLs a stopped job after ``RAY_JOB_STOP_WAIT_TIME_S`` (3 s unless
+set in the job's runtime env), so give it the time a checkpoint takes. The first Ctrl-C in
+a driver shell is Ray Train's own: it aborts the workers without a checkpoint.
+
 Logs: every rank writes ``<output_dir>/logs/rank_*.log`` as in any launch; rank 0's
 console (warnings: start, resume, errors) is what Ray streams to the job logs.
 """
@@ -29,7 +36,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -95,14 +104,108 @@ def _quiet_ray_console(rank: int) -> None:
             handler.addFilter(_OtherRanksErrorsOnly(rank))
 
 
+class StopFlag:
+    """Held by a Ray actor the driver creates: whether the run was asked to stop, and
+    whether the workers then stopped at a checkpoint (not at the end of the run)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.checkpointed = False
+
+    def request(self, reason: str) -> None:
+        self.reason = self.reason or reason
+
+    def get(self) -> str | None:
+        return self.reason
+
+    def mark_checkpointed(self) -> None:
+        self.checkpointed = True
+
+    def was_checkpointed(self) -> bool:
+        return self.checkpointed
+
+
+POLL_S = 1.0  # how often a worker asks the driver's StopFlag
+
+
+def _watch_stop_flag(flag: Any, done: threading.Event) -> None:
+    """A worker's thread: turn the driver's stop request into ``request_stop``."""
+    import ray
+
+    from trainer.signals import request_stop
+
+    while not done.wait(POLL_S):
+        try:
+            reason = ray.get(flag.get.remote(), timeout=60)
+        except Exception:  # the driver is gone: Ray ends this worker too
+            return
+        if reason:
+            request_stop(f"{reason} on the Ray driver")
+            return
+
+
+class _DriverStop:
+    """The driver's SIGTERM / SIGUSR1 handler: forwards the first one to the StopFlag."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self, flag: Any) -> None:
+        self.flag = flag
+        self.reason: str | None = None
+        self._event = threading.Event()
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> _DriverStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        threading.Thread(target=self._forward, daemon=True, name="stop-forward").start()
+        return self
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        # a signal handler does the least: Ray calls and printing happen in _forward
+        if self.reason is None:
+            self.reason = signal.Signals(signum).name
+            self._event.set()
+
+    def _forward(self) -> None:
+        import ray
+
+        self._event.wait()
+        grace = os.environ.get("RAY_JOB_STOP_WAIT_TIME_S")
+        print(
+            f"received {self.reason}: the workers will checkpoint and stop at the next step "
+            "boundary"
+            + (
+                f" (a stopped Ray job is killed after RAY_JOB_STOP_WAIT_TIME_S="
+                f"{grace or '3 (default)'} s)"
+                if in_ray_job()
+                else ""
+            ),
+            file=sys.stderr,
+            flush=True,
+        )
+        try:
+            ray.get(self.flag.request.remote(self.reason), timeout=60)
+        except Exception as err:
+            print(f"warning: could not reach the workers ({err})", file=sys.stderr, flush=True)
+
+
 def _train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: one rank of ``trainer.loop.train``. Raises on any failure so
-    that Ray counts it against ``cluster.max_failures`` and restarts the group."""
+    that Ray counts it against ``cluster.max_failures`` and restarts the group; returns
+    after a stop the driver asked for (checkpoint saved)."""
+    import ray
     import ray.train
 
     from trainer import distributed as D
     from trainer.loop import train
-    from trainer.signals import EXIT_OK
+    from trainer.signals import EXIT_OK, EXIT_PREEMPTED, clear_stop_request
 
     cfg = config["cfg"]
     if config["cwd"] and os.path.isdir(config["cwd"]):
@@ -116,6 +219,9 @@ def _train_worker(config: dict[str, Any]) -> None:
         local_world_size=ctx.get_local_world_size(),
     )
     _quiet_ray_console(env.rank)
+    flag, done = config["stop_flag"], threading.Event()
+    clear_stop_request()
+    threading.Thread(target=_watch_stop_flag, args=(flag, done), daemon=True).start()
     # Ray Train already joined the process group (TorchConfig); init_distributed keeps it.
     try:
         code = train(cfg, env)
@@ -125,6 +231,13 @@ def _train_worker(config: dict[str, Any]) -> None:
             raise
         logging.getLogger("trainer").error(message)
         raise RuntimeError(message) from None
+    finally:
+        done.set()
+        clear_stop_request()
+    if code == EXIT_PREEMPTED:  # every rank stops at the same step (the loop agrees on it)
+        if env.rank == 0:
+            ray.get(flag.mark_checkpointed.remote())
+        return
     if code != EXIT_OK:
         raise RuntimeError(f"rank {env.rank}: training stopped with exit code {code}")
 
@@ -133,7 +246,7 @@ def run_ray(cfg: Any, *, fresh: bool = False) -> int:
     """Drive a Ray Train run of ``cfg`` to its end; returns the process exit code."""
     from trainer.config import check_world_size
     from trainer.configlib import ConfigError
-    from trainer.signals import EXIT_CONFIG_ERROR, EXIT_FAILED, EXIT_OK
+    from trainer.signals import EXIT_CONFIG_ERROR, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 
     in_job = in_ray_job()
     try:
@@ -157,6 +270,9 @@ def run_ray(cfg: Any, *, fresh: bool = False) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
+    # after ray.init, which installs its own SIGTERM handler (exit at once)
+    flag = ray.remote(num_cpus=0)(StopFlag).remote()
+    stop = _DriverStop(flag).install()
     try:
         available = ray.cluster_resources()
         use_gpu = cluster.device == "cuda" or (
@@ -183,7 +299,11 @@ def run_ray(cfg: Any, *, fresh: bool = False) -> int:
         trainer = TorchTrainer(
             _train_worker,
             # a restart calls _train_worker again: never with --fresh (it was applied above)
-            train_loop_config={"cfg": cfg, "cwd": None if in_job else os.getcwd()},
+            train_loop_config={
+                "cfg": cfg,
+                "cwd": None if in_job else os.getcwd(),
+                "stop_flag": flag,
+            },
             torch_config=TorchConfig(
                 backend="cpu:gloo,cuda:nccl" if use_gpu else "gloo",
                 timeout_s=cluster.timeout_s,
@@ -205,8 +325,16 @@ def run_ray(cfg: Any, *, fresh: bool = False) -> int:
                 file=sys.stderr,
             )
             return EXIT_FAILED
+        if stop.reason is not None and ray.get(flag.was_checkpointed.remote()):
+            print(
+                f"stopped on {stop.reason}: checkpoint saved; run the same command again to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+            return EXIT_PREEMPTED
         return EXIT_OK
     finally:
+        stop.uninstall()
         ray.shutdown()
 
 

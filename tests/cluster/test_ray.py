@@ -215,7 +215,7 @@ def inputs(tmp_path_factory):
     return [f"data.urls={shards}", f"objective.conditioning.t5.tokenizer_path={tok}.model"]
 
 
-def submit(head: Head, *overrides: str) -> str:
+def submit(head: Head, *overrides: str, env_vars: dict[str, str] | None = None) -> str:
     """`ray job submit --no-wait` exactly as a user types it; returns the submission id."""
     submission_id = f"genflow-test-{secrets.token_hex(4)}"
     cmd = [
@@ -227,7 +227,7 @@ def submit(head: Head, *overrides: str) -> str:
         "--working-dir",
         str(REPO),
         "--runtime-env-json",
-        json.dumps({"excludes": EXCLUDES}),
+        json.dumps({"excludes": EXCLUDES, **({"env_vars": env_vars} if env_vars else {})}),
         "--submission-id",
         submission_id,
         "--no-wait",
@@ -326,3 +326,59 @@ def test_ray_job_trains_on_two_workers_and_survives_a_killed_one(ray_head, input
     assert "checkpoint took" in (run_dir / "logs" / "rank_00001.log").read_text()
     # Ray Train's own run state lands beside ours, not in ~/ray_results
     assert (run_dir / "ray_train").is_dir()
+
+
+@pytest.mark.e2e
+def test_ray_job_stop_checkpoints_and_the_next_submission_resumes(ray_head, inputs, tmp_path):
+    """`ray job stop` (SIGTERM to the driver) reaches the workers, which run the loop where
+    no signal can reach it: they checkpoint at the next step boundary (there is no periodic
+    checkpoint to fall back on) and a second submission of the same command resumes there."""
+    from trainer.checkpoint import CheckpointStore
+
+    run_dir = tmp_path / "run"
+    never = "checkpoint.every=1000000"
+    client = job_client(ray_head)
+    # the stop's grace period (3 s by default) is read from the job's runtime env
+    submission_id = submit(
+        ray_head,
+        *run_overrides(run_dir, inputs, "run.max_steps=1000000", never),
+        env_vars={"RAY_JOB_STOP_WAIT_TIME_S": "120"},
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        status = str(client.get_job_status(submission_id).value)
+        assert status not in TERMINAL, client.get_job_logs(submission_id)[-6000:]
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(r.get("step", 0) >= 10 for r in read_metrics(run_dir)):
+            break
+        time.sleep(0.5)
+    else:
+        client.stop_job(submission_id)
+        raise AssertionError("the job logged no step >= 10 in 240 s")
+
+    stop = subprocess.run(
+        [str(VENV_BIN / "ray"), "job", "stop", "--address", ray_head.dashboard, submission_id],
+        env=ray_head.env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert stop.returncode == 0, stop.stderr[-3000:]
+    status, logs = wait_for_job(client, submission_id, timeout=180)
+    assert status == "STOPPED", logs[-6000:]
+    store = CheckpointStore(str(run_dir / "checkpoints"))
+    stopped = store.latest_step()
+    assert stopped is not None and stopped >= 10 and store.is_complete(stopped), logs[-6000:]
+    assert "received SIGTERM: the workers will checkpoint and stop" in logs
+    assert "killed after RAY_JOB_STOP_WAIT_TIME_S=120 s" in logs  # the driver sees the grace
+    assert f"stopped at step {stopped} on SIGTERM on the Ray driver" in logs
+    assert "stopped on SIGTERM: checkpoint saved" in logs
+
+    resume_to = stopped + 5
+    submission_id = submit(
+        ray_head, *run_overrides(run_dir, inputs, f"run.max_steps={resume_to}", never)
+    )
+    status, logs = wait_for_job(client, submission_id, timeout=300)
+    assert status == "SUCCEEDED", logs[-8000:]
+    assert re.search(rf"resuming: .* steps {stopped} -> {resume_to}", logs), logs[-8000:]
+    assert store.latest_step() == resume_to
