@@ -14,7 +14,14 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from trainer.configlib import ConfigError, apply_overrides, from_dict, load_layers, option, to_dict
+from trainer.configlib import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    option,
+    recipe_chain,
+    to_dict,
+)
 from trainer.configlib import _deep_merge as _merge
 
 __all__ = ["Config", "ConfigError", "load_config", "dump_config"]
@@ -484,14 +491,14 @@ def _registries() -> None:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a recipe (with its ``base:`` chain), apply overrides and validate strictly."""
     _registries()
-    layers = [*load_layers(path), apply_overrides({}, overrides)]
+    chain = [*recipe_chain(path), (None, apply_overrides({}, overrides))]
     data: dict = {}
-    for layer in layers:
+    for _, layer in chain:
         data = merge_layer(data, layer)
     # A run's own config.yaml spells out every field, defaults included; none of them was
-    # written on purpose, so relaunching it (to resume) must not trip the "has no effect"
-    # checks. Only its command-line overrides count as written.
-    given = layers[-1:] if is_resolved_config(path) else layers
+    # written on purpose, so relaunching it (to resume), or a recipe whose base: it is,
+    # must not trip the "has no effect" checks. Only the other layers count as written.
+    given = [layer for file, layer in chain if file is None or not is_resolved_config(file)]
     return from_dict(Config, data, source=str(path), layers=given)
 
 

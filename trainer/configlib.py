@@ -87,8 +87,14 @@ def load_yaml_with_bases(path: str | Path) -> dict:
     return merged
 
 
-def load_layers(path: str | Path, _seen: tuple[str, ...] = ()) -> list[dict]:
+def load_layers(path: str | Path) -> list[dict]:
     """The recipe and its ``base:`` chain as separate mappings, most basic first."""
+    return [layer for _, layer in recipe_chain(path)]
+
+
+def recipe_chain(path: str | Path, _seen: tuple[str, ...] = ()) -> list[tuple[Path, dict]]:
+    """``(file, mapping without base:)`` for the recipe and its ``base:`` chain, most basic
+    first."""
     path = Path(path)
     resolved = str(path.resolve())
     if resolved in _seen:
@@ -105,10 +111,10 @@ def load_layers(path: str | Path, _seen: tuple[str, ...] = ()) -> list[dict]:
     data = dict(data)
     base = data.pop("base", None)
     if base is None:
-        return [data]
+        return [(path, data)]
     if not isinstance(base, str):
         raise ConfigError(["base: expected a path to another recipe file"], str(path))
-    return [*load_layers(path.parent / base, (*_seen, resolved)), data]
+    return [*recipe_chain(path.parent / base, (*_seen, resolved)), (path, data)]
 
 
 def _lookup(mapping: Mapping, path: str) -> Mapping | None:

@@ -1,6 +1,7 @@
 """Recipe loading, inheritance, overrides, strict validation and the launcher's error path."""
 
 import copy
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -567,6 +568,25 @@ def test_run_config_yaml_relaunches_despite_inert_defaults(tmp_path):
     assert body.startswith("run:")
     plain = write(tmp_path / "plain.yaml", yaml.safe_load(body))
     assert {"schedule.min_lr_ratio", "ema.decay"} <= set(paths_of(problems_of(plain)))
+
+
+def test_recipe_extending_a_run_config_yaml_counts_only_its_own_keys(tmp_path):
+    """``base: RUN/config.yaml`` (a new run that starts from an old run's settings): the
+    dumped defaults are not written on purpose, the child recipe's keys are."""
+    cfg = load_config(recipe(tmp_path, {"schedule": {"name": "constant"}}))
+    dumped = tmp_path / "run" / "config.yaml"
+    dumped.parent.mkdir()
+    dumped.write_text(dump_config(cfg))
+    child = write(tmp_path / "child.yaml", {"base": "run/config.yaml", "run": {"max_steps": 9}})
+    assert load_config(child) == dataclasses.replace(
+        cfg, run=dataclasses.replace(cfg.run, max_steps=9)
+    )
+    # an inert key the child writes is still an error, as is one from the command line
+    inert = write(
+        tmp_path / "inert.yaml", {"base": "run/config.yaml", "schedule": {"min_lr_ratio": 0.5}}
+    )
+    assert paths_of(problems_of(inert)) == ["schedule.min_lr_ratio"]
+    assert paths_of(problems_of(child, ["ema.decay=0.9"])) == ["ema.decay"]
 
 
 # ---------------------------------------------------------------------------------- CLI
