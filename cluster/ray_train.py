@@ -21,11 +21,13 @@ Outside a job, relative paths resolve against the launching directory, and the w
 run in that directory when their node has it (a shared file system).
 
 Stopping: ``ray job stop`` (SIGTERM to the driver) and SIGUSR1 stop a run as they stop a
-local or SLURM one: the driver passes the request to the workers (a small Ray actor they
-poll once a second), they save a checkpoint at the next step boundary and return, and the
-driver exits 75. Ray SIGKILLs a stopped job after ``RAY_JOB_STOP_WAIT_TIME_S`` (3 s unless
-set in the job's runtime env), so give it the time a checkpoint takes. The first Ctrl-C in
-a driver shell is Ray Train's own: it aborts the workers without a checkpoint.
+local or SLURM one: the driver passes the request on through a small Ray actor, which
+rank 0 polls once a second (the loop shares it with the other ranks at each step); the
+workers save a checkpoint at the next step boundary and return, and the driver exits 75.
+Ray SIGKILLs a stopped job after ``RAY_JOB_STOP_WAIT_TIME_S`` (3 s unless set in the
+job's runtime env), so give it the time a checkpoint takes. A second SIGTERM exits at
+once. The first Ctrl-C in a driver shell is Ray Train's own: it aborts the workers
+without a checkpoint, as does ``ray job stop`` under ``RAY_JOB_STOP_SIGNAL=SIGINT``.
 
 Logs: every rank writes ``<output_dir>/logs/rank_*.log`` as in any launch; rank 0's
 console (warnings: start, resume, errors) is what Ray streams to the job logs.
@@ -118,6 +120,10 @@ class StopFlag:
     def get(self) -> str | None:
         return self.reason
 
+    def attempt_started(self) -> None:
+        """A (re)started worker group: what an earlier attempt marked no longer holds."""
+        self.checkpointed = False
+
     def mark_checkpointed(self) -> None:
         self.checkpointed = True
 
@@ -125,19 +131,23 @@ class StopFlag:
         return self.checkpointed
 
 
-POLL_S = 1.0  # how often a worker asks the driver's StopFlag
+POLL_S = 1.0  # how often rank 0 asks the driver's StopFlag
 
 
 def _watch_stop_flag(flag: Any, done: threading.Event) -> None:
     """A worker's thread: turn the driver's stop request into ``request_stop``."""
     import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
 
     from trainer.signals import request_stop
 
     while not done.wait(POLL_S):
         try:
             reason = ray.get(flag.get.remote(), timeout=60)
-        except Exception:  # the driver is gone: Ray ends this worker too
+        except GetTimeoutError:  # a busy node: ask again
+            continue
+        except RayActorError as err:  # it lives beside the driver: the run is ending
+            logging.getLogger("trainer").warning("stop requests no longer reach this run: %s", err)
             return
         if reason:
             request_stop(f"{reason} on the Ray driver")
@@ -145,7 +155,9 @@ def _watch_stop_flag(flag: Any, done: threading.Event) -> None:
 
 
 class _DriverStop:
-    """The driver's SIGTERM / SIGUSR1 handler: forwards the first one to the StopFlag."""
+    """The driver's SIGTERM / SIGUSR1 handler: forwards the first one to the StopFlag; a
+    second one gets the previous handler (Ray's: exit at once), e.g. for a run whose
+    workers never start."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -172,6 +184,12 @@ class _DriverStop:
         if self.reason is None:
             self.reason = signal.Signals(signum).name
             self._event.set()
+            return
+        previous = self._previous.get(signum)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise SystemExit(128 + signum)
 
     def _forward(self) -> None:
         import ray
@@ -221,7 +239,9 @@ def _train_worker(config: dict[str, Any]) -> None:
     _quiet_ray_console(env.rank)
     flag, done = config["stop_flag"], threading.Event()
     clear_stop_request()
-    threading.Thread(target=_watch_stop_flag, args=(flag, done), daemon=True).start()
+    if env.rank == 0:  # the loop tells the other ranks (it all-reduces the request each step)
+        ray.get(flag.attempt_started.remote())
+        threading.Thread(target=_watch_stop_flag, args=(flag, done), daemon=True).start()
     # Ray Train already joined the process group (TorchConfig); init_distributed keeps it.
     try:
         code = train(cfg, env)
@@ -236,7 +256,10 @@ def _train_worker(config: dict[str, Any]) -> None:
         clear_stop_request()
     if code == EXIT_PREEMPTED:  # every rank stops at the same step (the loop agrees on it)
         if env.rank == 0:
-            ray.get(flag.mark_checkpointed.remote())
+            try:
+                ray.get(flag.mark_checkpointed.remote(), timeout=60)
+            except Exception as err:  # the checkpoint is saved: not a reason to restart
+                logging.getLogger("trainer").warning("could not tell the driver: %s", err)
         return
     if code != EXIT_OK:
         raise RuntimeError(f"rank {env.rank}: training stopped with exit code {code}")
@@ -259,6 +282,7 @@ def run_ray(cfg: Any, *, fresh: bool = False) -> int:
     import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     cluster = cfg.cluster
     try:
@@ -270,10 +294,20 @@ def run_ray(cfg: Any, *, fresh: bool = False) -> int:
             file=sys.stderr,
         )
         return EXIT_FAILED
-    # after ray.init, which installs its own SIGTERM handler (exit at once)
-    flag = ray.remote(num_cpus=0)(StopFlag).remote()
-    stop = _DriverStop(flag).install()
+    stop = None
     try:
+        # after ray.init, which installs its own SIGTERM handler (exit at once); the flag
+        # lives on the driver's node, so it goes only when the driver's node goes
+        flag = (
+            ray.remote(num_cpus=0)(StopFlag)
+            .options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(
+                    node_id=ray.get_runtime_context().get_node_id(), soft=False
+                )
+            )
+            .remote()
+        )
+        stop = _DriverStop(flag).install()
         available = ray.cluster_resources()
         use_gpu = cluster.device == "cuda" or (
             cluster.device == "auto" and available.get("GPU", 0) > 0
@@ -325,7 +359,7 @@ def run_ray(cfg: Any, *, fresh: bool = False) -> int:
                 file=sys.stderr,
             )
             return EXIT_FAILED
-        if stop.reason is not None and ray.get(flag.was_checkpointed.remote()):
+        if stop.reason is not None and ray.get(flag.was_checkpointed.remote(), timeout=60):
             print(
                 f"stopped on {stop.reason}: checkpoint saved; run the same command again to resume",
                 file=sys.stderr,
@@ -334,7 +368,8 @@ def run_ray(cfg: Any, *, fresh: bool = False) -> int:
             return EXIT_PREEMPTED
         return EXIT_OK
     finally:
-        stop.uninstall()
+        if stop is not None:
+            stop.uninstall()
         ray.shutdown()
 
 

@@ -497,9 +497,36 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         data = merge_layer(data, layer)
     # A run's own config.yaml spells out every field, defaults included; none of them was
     # written on purpose, so relaunching it (to resume), or a recipe whose base: it is,
-    # must not trip the "has no effect" checks. Only the other layers count as written.
-    given = [layer for file, layer in chain if file is None or not is_resolved_config(file)]
+    # must not trip the "has no effect" checks. Only the layers above it count as written.
+    resolved = [i for i, (file, _) in enumerate(chain) if file and is_resolved_config(file)]
+    given = (
+        [layer for _, layer in chain[resolved[-1] + 1 :]]
+        if resolved
+        else [layer for _, layer in chain]
+    )
+    if resolved and chain[resolved[-1]][0] != Path(path) and not _writes(given, "run.output_dir"):
+        # a recipe extending a run's config.yaml is a new run: inheriting the old run's
+        # directory would resume the old checkpoints and overwrite its base file
+        raise ConfigError(
+            [
+                f"run.output_dir: inherited from {chain[resolved[-1]][0]}, a run's resolved "
+                "config; a recipe extending it is a new run: give it its own run.output_dir "
+                "(to continue that run, launch its config.yaml itself, with overrides)"
+            ],
+            str(path),
+        )
     return from_dict(Config, data, source=str(path), layers=given)
+
+
+def _writes(layers: list[dict], dotted: str) -> bool:
+    """Whether any of ``layers`` sets the key at ``dotted``."""
+    for layer in layers:
+        node: Any = layer
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return True
+    return False
 
 
 RESOLVED_HEADER = (

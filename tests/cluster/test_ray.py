@@ -65,6 +65,46 @@ def test_ray_only_keys_are_rejected_under_another_launcher():
     assert cfg.cluster.max_failures == 2
 
 
+def test_driver_forwards_the_first_stop_signal_and_yields_to_the_old_handler_on_the_second(
+    monkeypatch, capsys
+):
+    """The first SIGTERM asks the workers to stop (through the flag); a second one gets the
+    handler that was there before (Ray's: exit at once), as does SIGTERM after uninstall."""
+    import ray
+
+    from cluster.ray_train import _DriverStop
+
+    asked, seen = [], []
+
+    class Method:
+        def remote(self, reason):
+            asked.append(reason)
+            return reason
+
+    class Flag:
+        request = Method()
+
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        stop = _DriverStop(Flag()).install()
+        os.kill(os.getpid(), signal.SIGTERM)
+        deadline = time.time() + 10
+        while not asked and time.time() < deadline:
+            time.sleep(0.01)
+        assert stop.reason == "SIGTERM" and asked == ["SIGTERM"] and seen == []
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert seen == [signal.SIGTERM] and asked == ["SIGTERM"]
+        stop.uninstall()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert seen == [signal.SIGTERM, signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert "received SIGTERM: the workers will checkpoint and stop" in capsys.readouterr().err
+
+
 # ------------------------------------------------------------------ a real Ray head
 
 
@@ -371,7 +411,8 @@ def test_ray_job_stop_checkpoints_and_the_next_submission_resumes(ray_head, inpu
     assert stopped is not None and stopped >= 10 and store.is_complete(stopped), logs[-6000:]
     assert "received SIGTERM: the workers will checkpoint and stop" in logs
     assert "killed after RAY_JOB_STOP_WAIT_TIME_S=120 s" in logs  # the driver sees the grace
-    assert f"stopped at step {stopped} on SIGTERM on the Ray driver" in logs
+    rank0 = (run_dir / "logs" / "rank_00000.log").read_text()
+    assert f"stopped at step {stopped} on SIGTERM on the Ray driver" in rank0, rank0[-3000:]
     assert "stopped on SIGTERM: checkpoint saved" in logs
 
     resume_to = stopped + 5

@@ -260,7 +260,7 @@ def test_user_mistakes_exit_2_with_key_paths(data, ray_address, tmp_path, capsys
     proc = run_cli("--in", data["shards"], "--out", out, "--encoders",
                    write_spec(tmp_path / "bad.yaml", bad))  # fmt: skip
     assert proc.returncode == 2, proc.stderr
-    assert len(error_lines(proc.stderr)) == 1 and "Traceback" not in proc.stderr
+    assert len(error_lines(proc.stderr)) == 1 and "Traceback" not in proc.stderr, proc.stderr
     for problem in ("t5.path: missing", "clip.colour: unknown key", "extra: unknown key"):
         assert problem in proc.stderr
     assert not out.exists()
@@ -271,7 +271,8 @@ def test_user_mistakes_exit_2_with_key_paths(data, ray_address, tmp_path, capsys
 
     spec = data["spec"]
     code, err = run("--in", tmp_path / "nowhere", "--out", out, "--encoders", spec)
-    assert code == 2 and error_lines(err)[0].startswith("error: --in:")
+    assert code == 2 and error_lines(err), err
+    assert error_lines(err)[0].startswith("error: --in:"), err
     code, err = run("--in", data["shards"], "--out", data["shards"], "--encoders", spec)
     assert code == 2 and "choose another --out" in err
     code, err = run("--in", data["shards"], "--out", out, "--encoders", spec, "--batch-size", 0)
@@ -284,8 +285,11 @@ def test_user_mistakes_exit_2_with_key_paths(data, ray_address, tmp_path, capsys
     missing_spec = write_spec(tmp_path / "missing.yaml", missing)
     code, err = run("--in", data["shards"], "--out", out, "--encoders", missing_spec,
                     "--num-workers", 1)  # fmt: skip
+    assert len(error_lines(err)) == 1, err
     (line,) = error_lines(err)
-    assert code == 2 and line.startswith("error: building the encoders:") and "missing.model" in line
+    assert (
+        code == 2 and line.startswith("error: building the encoders:") and "missing.model" in line
+    )
     assert not (out / MANIFEST).exists() and not list(out.glob("*.tar"))
 
 

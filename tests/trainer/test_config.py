@@ -577,16 +577,33 @@ def test_recipe_extending_a_run_config_yaml_counts_only_its_own_keys(tmp_path):
     dumped = tmp_path / "run" / "config.yaml"
     dumped.parent.mkdir()
     dumped.write_text(dump_config(cfg))
-    child = write(tmp_path / "child.yaml", {"base": "run/config.yaml", "run": {"max_steps": 9}})
+    new_run = {"output_dir": str(tmp_path / "run2"), "max_steps": 9}
+    child = write(tmp_path / "child.yaml", {"base": "run/config.yaml", "run": new_run})
     assert load_config(child) == dataclasses.replace(
-        cfg, run=dataclasses.replace(cfg.run, max_steps=9)
+        cfg, run=dataclasses.replace(cfg.run, **new_run)
     )
     # an inert key the child writes is still an error, as is one from the command line
     inert = write(
-        tmp_path / "inert.yaml", {"base": "run/config.yaml", "schedule": {"min_lr_ratio": 0.5}}
+        tmp_path / "inert.yaml",
+        {"base": "run/config.yaml", "run": new_run, "schedule": {"min_lr_ratio": 0.5}},
     )
     assert paths_of(problems_of(inert)) == ["schedule.min_lr_ratio"]
     assert paths_of(problems_of(child, ["ema.decay=0.9"])) == ["ema.decay"]
+    # the old run's directory is not inherited: the new run would resume the old one's
+    # checkpoints and overwrite the config.yaml it extends
+    same_dir = write(tmp_path / "same.yaml", {"base": "run/config.yaml", "run": {"max_steps": 9}})
+    assert paths_of(problems_of(same_dir)) == ["run.output_dir"]
+    assert load_config(same_dir, [f"run.output_dir={tmp_path / 'run3'}"]).run.max_steps == 9
+    # a dumped file whose fields are what a hand-edit gave it a base: for: the layers below
+    # it do not count as written either
+    edited = tmp_path / "edited" / "config.yaml"
+    edited.parent.mkdir()
+    cosine = write(tmp_path / "cosine.yaml", {"schedule": {"name": "cosine", "min_lr_ratio": 0.1}})
+    edited.write_text(
+        dump_config(cfg) + yaml.safe_dump({"base": str(cosine)})  # constant schedule wins
+    )
+    over_edited = write(tmp_path / "over.yaml", {"base": str(edited), "run": new_run})
+    assert load_config(over_edited).schedule.name == "constant"
 
 
 # ---------------------------------------------------------------------------------- CLI
