@@ -6,7 +6,9 @@
 process (the driver) joins the cluster and runs ``trainer.loop.train`` on
 ``cluster.num_workers`` Ray Train workers. Ray places them, wires them into one process
 group (gloo on CPU, gloo for CPU tensors + nccl on GPU, with ``cluster.timeout_s``) and,
-when one fails, restarts them all together up to ``cluster.max_failures`` times.
+when one fails, restarts them all together up to ``cluster.max_failures`` times. A
+mistake a restart cannot fix (bad config, data or tokenizer, a diverged run) ends the
+run after one restart, with the one-line error a local launch prints.
 
 A restart resumes from our own ``latest`` checkpoint, exactly as rerunning the command
 would; Ray's checkpoint API (``ray.train.report``) is deliberately unused, since our DCP
@@ -106,13 +108,15 @@ def _quiet_ray_console(rank: int) -> None:
             handler.addFilter(_OtherRanksErrorsOnly(rank))
 
 
-class StopFlag:
-    """Held by a Ray actor the driver creates: whether the run was asked to stop, and
-    whether the workers then stopped at a checkpoint (not at the end of the run)."""
+class RunControl:
+    """Held by a Ray actor the driver creates: whether the run was asked to stop, whether
+    the workers then stopped at a checkpoint (not at the end of the run), and a mistake a
+    worker found that a restart cannot fix (bad data, a diverged run)."""
 
     def __init__(self) -> None:
         self.reason: str | None = None
         self.checkpointed = False
+        self.fatal: tuple[int, str] | None = None
 
     def request(self, reason: str) -> None:
         self.reason = self.reason or reason
@@ -130,11 +134,17 @@ class StopFlag:
     def was_checkpointed(self) -> bool:
         return self.checkpointed
 
+    def set_fatal(self, code: int, message: str) -> None:
+        self.fatal = self.fatal or (code, message)
 
-POLL_S = 1.0  # how often rank 0 asks the driver's StopFlag
+    def get_fatal(self) -> tuple[int, str] | None:
+        return self.fatal
 
 
-def _watch_stop_flag(flag: Any, done: threading.Event) -> None:
+POLL_S = 1.0  # how often rank 0 asks the driver's RunControl
+
+
+def _watch_stop_request(control: Any, done: threading.Event) -> None:
     """A worker's thread: turn the driver's stop request into ``request_stop``."""
     import ray
     from ray.exceptions import GetTimeoutError, RayActorError
@@ -143,7 +153,7 @@ def _watch_stop_flag(flag: Any, done: threading.Event) -> None:
 
     while not done.wait(POLL_S):
         try:
-            reason = ray.get(flag.get.remote(), timeout=60)
+            reason = ray.get(control.get.remote(), timeout=60)
         except GetTimeoutError:  # a busy node: ask again
             continue
         except RayActorError as err:  # it lives beside the driver: the run is ending
@@ -155,14 +165,14 @@ def _watch_stop_flag(flag: Any, done: threading.Event) -> None:
 
 
 class _DriverStop:
-    """The driver's SIGTERM / SIGUSR1 handler: forwards the first one to the StopFlag; a
+    """The driver's SIGTERM / SIGUSR1 handler: forwards the first one to the RunControl; a
     second one gets the previous handler (Ray's: exit at once), e.g. for a run whose
     workers never start."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self, flag: Any) -> None:
-        self.flag = flag
+    def __init__(self, control: Any) -> None:
+        self.control = control
         self.reason: str | None = None
         self._event = threading.Event()
         self._previous: dict[int, Any] = {}
@@ -209,7 +219,7 @@ class _DriverStop:
             flush=True,
         )
         try:
-            ray.get(self.flag.request.remote(self.reason), timeout=60)
+            ray.get(self.control.request.remote(self.reason), timeout=60)
         except Exception as err:
             print(f"warning: could not reach the workers ({err})", file=sys.stderr, flush=True)
 
@@ -217,13 +227,27 @@ class _DriverStop:
 def _train_worker(config: dict[str, Any]) -> None:
     """One Ray Train worker: one rank of ``trainer.loop.train``. Raises on any failure so
     that Ray counts it against ``cluster.max_failures`` and restarts the group; returns
-    after a stop the driver asked for (checkpoint saved)."""
+    after a stop the driver asked for (checkpoint saved).
+
+    A mistake that a restart cannot fix (the errors a local launch reports in one line:
+    bad config, data or tokenizer, a diverged run) is recorded for the driver before the
+    raise; the restarted group then returns at once, so the run ends after one restart
+    with that message, even under ``cluster.max_failures: -1``."""
     import ray
     import ray.train
 
+    from data_pipeline.loader import DataError
+    from data_pipeline.tokenizer import TokenizerError
     from trainer import distributed as D
-    from trainer.loop import train
-    from trainer.signals import EXIT_OK, EXIT_PREEMPTED, clear_stop_request
+    from trainer.configlib import ConfigError
+    from trainer.loop import TrainingDiverged, train
+    from trainer.signals import (
+        EXIT_CONFIG_ERROR,
+        EXIT_FAILED,
+        EXIT_OK,
+        EXIT_PREEMPTED,
+        clear_stop_request,
+    )
 
     cfg = config["cfg"]
     if config["cwd"] and os.path.isdir(config["cwd"]):
@@ -237,14 +261,20 @@ def _train_worker(config: dict[str, Any]) -> None:
         local_world_size=ctx.get_local_world_size(),
     )
     _quiet_ray_console(env.rank)
-    flag, done = config["stop_flag"], threading.Event()
+    control, done = config["control"], threading.Event()
+    if ray.get(control.get_fatal.remote(), timeout=60) is not None:
+        return  # an earlier attempt failed for good: end the run (the driver reports it)
     clear_stop_request()
     if env.rank == 0:  # the loop tells the other ranks (it all-reduces the request each step)
-        ray.get(flag.attempt_started.remote())
-        threading.Thread(target=_watch_stop_flag, args=(flag, done), daemon=True).start()
+        ray.get(control.attempt_started.remote())
+        threading.Thread(target=_watch_stop_request, args=(control, done), daemon=True).start()
     # Ray Train already joined the process group (TorchConfig); init_distributed keeps it.
     try:
         code = train(cfg, env)
+    except (ConfigError, DataError, TokenizerError, TrainingDiverged) as err:
+        code = EXIT_CONFIG_ERROR if isinstance(err, ConfigError) else EXIT_FAILED
+        ray.get(control.set_fatal.remote(code, f"rank {env.rank}: {err}"), timeout=60)
+        raise
     except RuntimeError as err:
         message = D.report_timeout(err, env.rank, cfg.cluster.timeout_s)
         if message is None:
@@ -257,7 +287,7 @@ def _train_worker(config: dict[str, Any]) -> None:
     if code == EXIT_PREEMPTED:  # every rank stops at the same step (the loop agrees on it)
         if env.rank == 0:
             try:
-                ray.get(flag.mark_checkpointed.remote(), timeout=60)
+                ray.get(control.mark_checkpointed.remote(), timeout=60)
             except Exception as err:  # the checkpoint is saved: not a reason to restart
                 logging.getLogger("trainer").warning("could not tell the driver: %s", err)
         return
@@ -296,10 +326,10 @@ def run_ray(cfg: Any, *, fresh: bool = False) -> int:
         return EXIT_FAILED
     stop = None
     try:
-        # after ray.init, which installs its own SIGTERM handler (exit at once); the flag
+        # after ray.init, which installs its own SIGTERM handler (exit at once); the actor
         # lives on the driver's node, so it goes only when the driver's node goes
-        flag = (
-            ray.remote(num_cpus=0)(StopFlag)
+        control = (
+            ray.remote(num_cpus=0)(RunControl)
             .options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(
                     node_id=ray.get_runtime_context().get_node_id(), soft=False
@@ -307,7 +337,7 @@ def run_ray(cfg: Any, *, fresh: bool = False) -> int:
             )
             .remote()
         )
-        stop = _DriverStop(flag).install()
+        stop = _DriverStop(control).install()
         available = ray.cluster_resources()
         use_gpu = cluster.device == "cuda" or (
             cluster.device == "auto" and available.get("GPU", 0) > 0
@@ -336,7 +366,7 @@ def run_ray(cfg: Any, *, fresh: bool = False) -> int:
             train_loop_config={
                 "cfg": cfg,
                 "cwd": None if in_job else os.getcwd(),
-                "stop_flag": flag,
+                "control": control,
             },
             torch_config=TorchConfig(
                 backend="cpu:gloo,cuda:nccl" if use_gpu else "gloo",
@@ -354,12 +384,20 @@ def run_ray(cfg: Any, *, fresh: bool = False) -> int:
         try:
             trainer.fit()
         except TrainingFailedError as err:
+            fatal = ray.get(control.get_fatal.remote(), timeout=60)
+            if fatal is not None:
+                print(f"error: {fatal[1]}", file=sys.stderr)
+                return fatal[0]
             print(
                 f"error: Ray Train gave up (cluster.max_failures={cluster.max_failures}): {err}",
                 file=sys.stderr,
             )
             return EXIT_FAILED
-        if stop.reason is not None and ray.get(flag.was_checkpointed.remote(), timeout=60):
+        fatal = ray.get(control.get_fatal.remote(), timeout=60)
+        if fatal is not None:
+            print(f"error: {fatal[1]} (not retried: a restart cannot fix it)", file=sys.stderr)
+            return fatal[0]
+        if stop.reason is not None and ray.get(control.was_checkpointed.remote(), timeout=60):
             print(
                 f"stopped on {stop.reason}: checkpoint saved; run the same command again to resume",
                 file=sys.stderr,

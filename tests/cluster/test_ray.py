@@ -423,3 +423,24 @@ def test_ray_job_stop_checkpoints_and_the_next_submission_resumes(ray_head, inpu
     assert status == "SUCCEEDED", logs[-8000:]
     assert re.search(rf"resuming: .* steps {stopped} -> {resume_to}", logs), logs[-8000:]
     assert store.latest_step() == resume_to
+
+
+@pytest.mark.e2e
+def test_a_mistake_no_restart_can_fix_ends_the_job_with_the_ranks_error(ray_head, inputs, tmp_path):
+    """Shards that do not exist, under cluster.max_failures=-1 (restart forever): the job
+    ends after one restart, with the rank's one-line error, instead of looping."""
+    missing = tmp_path / "no_shards"
+    given = [o for o in inputs if not o.startswith("data.urls=")]
+    overrides = run_overrides(
+        tmp_path / "run",
+        given,
+        "run.max_steps=5",
+        f"data.urls={missing}",
+        "cluster.max_failures=-1",
+    )
+    client = job_client(ray_head)
+    submission_id = submit(ray_head, *overrides)
+    status, logs = wait_for_job(client, submission_id, timeout=240)
+    assert status == "FAILED", logs[-6000:]
+    assert re.search(rf"error: rank \d: .*{missing}.* \(not retried", logs), logs[-6000:]
+    assert "Ray Train gave up" not in logs
