@@ -20,6 +20,8 @@ DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "sque
 
 # Short scheduler intervals so a requeued job restarts in seconds, not minutes: a requeued
 # job waits cred_expire + 1 s, then the main scheduler (every sched_interval) starts it.
+# slurmctld refuses cred_expire under 5 ("AuthInfo=cred_expire=4 invalid" in its log) and
+# keeps its default of 120 s: each requeue then took two minutes.
 SLURM_CONF = """\
 ClusterName=genflowtest
 SlurmctldHost={host}(127.0.0.1)
@@ -27,7 +29,7 @@ SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/munge/munge.socket,cred_expire=4
+AuthInfo=socket={root}/munge/munge.socket,cred_expire=5
 SlurmUser=root
 SlurmdUser=root
 StateSaveLocation={root}/state
