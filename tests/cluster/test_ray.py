@@ -31,6 +31,11 @@ MARKER = "GENFLOW_TEST_RAY_HEAD"  # in the environment of our head and what it s
 # keep the working-dir upload to the code (Ray also honours .gitignore)
 EXCLUDES = [".venv", ".git", "data", "runs", "**/__pycache__", ".ruff_cache", ".pytest_cache"]
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+# How long a job may take to reach a point (a step, a checkpoint, its end). A job alone
+# gets there in about a minute; under `make test` it shares 2 cores with the LM module's
+# background training runs, and a 240 s bound once ran out before the first checkpoint.
+JOB_WAIT_S = 600
+pytestmark = pytest.mark.timeout(3 * JOB_WAIT_S)  # a test waits on up to two such bounds
 
 
 # ------------------------------------------------------------------------- cheap rules
@@ -327,7 +332,7 @@ def test_ray_job_trains_on_two_workers_and_survives_a_killed_one(ray_head, input
     client = job_client(ray_head)
     submission_id = submit(ray_head, *overrides)
     store = CheckpointStore(str(run_dir / "checkpoints"))
-    deadline = time.time() + 240
+    deadline = time.time() + JOB_WAIT_S
     killed_after = victim = None
     while killed_after is None and time.time() < deadline:
         status = str(client.get_job_status(submission_id).value)
@@ -347,7 +352,7 @@ def test_ray_job_trains_on_two_workers_and_survives_a_killed_one(ray_head, input
         time.sleep(0.1)
     assert not _alive([victim])
 
-    status, logs = wait_for_job(client, submission_id, timeout=300)
+    status, logs = wait_for_job(client, submission_id, timeout=JOB_WAIT_S)
     assert status == "SUCCEEDED", logs[-8000:]
     expect = (
         f"ray: 2 workers x {{'CPU': 1.0}} (gloo, timeout 1800s, max_failures 1), run dir {run_dir}"
@@ -384,7 +389,7 @@ def test_ray_job_stop_checkpoints_and_the_next_submission_resumes(ray_head, inpu
         *run_overrides(run_dir, inputs, "run.max_steps=1000000", never),
         env_vars={"RAY_JOB_STOP_WAIT_TIME_S": "120"},
     )
-    deadline = time.time() + 240
+    deadline = time.time() + JOB_WAIT_S
     while time.time() < deadline:
         status = str(client.get_job_status(submission_id).value)
         assert status not in TERMINAL, client.get_job_logs(submission_id)[-6000:]
@@ -394,7 +399,7 @@ def test_ray_job_stop_checkpoints_and_the_next_submission_resumes(ray_head, inpu
         time.sleep(0.5)
     else:
         client.stop_job(submission_id)
-        raise AssertionError("the job logged no step >= 10 in 240 s")
+        raise AssertionError(f"the job logged no step >= 10 in {JOB_WAIT_S} s")
 
     stop = subprocess.run(
         [str(VENV_BIN / "ray"), "job", "stop", "--address", ray_head.dashboard, submission_id],
@@ -404,7 +409,7 @@ def test_ray_job_stop_checkpoints_and_the_next_submission_resumes(ray_head, inpu
         timeout=180,
     )
     assert stop.returncode == 0, stop.stderr[-3000:]
-    status, logs = wait_for_job(client, submission_id, timeout=180)
+    status, logs = wait_for_job(client, submission_id, timeout=JOB_WAIT_S)
     assert status == "STOPPED", logs[-6000:]
     store = CheckpointStore(str(run_dir / "checkpoints"))
     stopped = store.latest_step()
@@ -419,7 +424,7 @@ def test_ray_job_stop_checkpoints_and_the_next_submission_resumes(ray_head, inpu
     submission_id = submit(
         ray_head, *run_overrides(run_dir, inputs, f"run.max_steps={resume_to}", never)
     )
-    status, logs = wait_for_job(client, submission_id, timeout=300)
+    status, logs = wait_for_job(client, submission_id, timeout=JOB_WAIT_S)
     assert status == "SUCCEEDED", logs[-8000:]
     assert re.search(rf"resuming: .* steps {stopped} -> {resume_to}", logs), logs[-8000:]
     assert store.latest_step() == resume_to
@@ -440,7 +445,7 @@ def test_a_mistake_no_restart_can_fix_ends_the_job_with_the_ranks_error(ray_head
     )
     client = job_client(ray_head)
     submission_id = submit(ray_head, *overrides)
-    status, logs = wait_for_job(client, submission_id, timeout=240)
+    status, logs = wait_for_job(client, submission_id, timeout=JOB_WAIT_S)
     assert status == "FAILED", logs[-6000:]
     assert re.search(rf"error: rank \d: .*{missing}.* \(not retried", logs), logs[-6000:]
     assert "Ray Train gave up" not in logs
