@@ -381,22 +381,23 @@ def run_ray(cfg: Any, *, fresh: bool = False) -> int:
                 failure_config=FailureConfig(max_failures=cluster.max_failures),
             ),
         )
+        failed = None
         try:
             trainer.fit()
         except TrainingFailedError as err:
-            fatal = ray.get(control.get_fatal.remote(), timeout=60)
-            if fatal is not None:
-                print(f"error: {fatal[1]}", file=sys.stderr)
-                return fatal[0]
-            print(
-                f"error: Ray Train gave up (cluster.max_failures={cluster.max_failures}): {err}",
-                file=sys.stderr,
-            )
-            return EXIT_FAILED
+            failed = err
+        # a worker's recorded mistake: Ray Train's error (or success, after the restarted
+        # group returned at once) says less than the rank's own line
         fatal = ray.get(control.get_fatal.remote(), timeout=60)
         if fatal is not None:
             print(f"error: {fatal[1]} (not retried: a restart cannot fix it)", file=sys.stderr)
             return fatal[0]
+        if failed is not None:
+            print(
+                f"error: Ray Train gave up (cluster.max_failures={cluster.max_failures}): {failed}",
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
         if stop.reason is not None and ray.get(control.was_checkpointed.remote(), timeout=60):
             print(
                 f"stopped on {stop.reason}: checkpoint saved; run the same command again to resume",

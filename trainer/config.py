@@ -499,11 +499,7 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     # written on purpose, so relaunching it (to resume), or a recipe whose base: it is,
     # must not trip the "has no effect" checks. Only the layers above it count as written.
     resolved = [i for i, (file, _) in enumerate(chain) if file and is_resolved_config(file)]
-    given = (
-        [layer for _, layer in chain[resolved[-1] + 1 :]]
-        if resolved
-        else [layer for _, layer in chain]
-    )
+    given = [layer for _, layer in chain[resolved[-1] + 1 if resolved else 0 :]]
     if resolved and chain[resolved[-1]][0] != Path(path) and not _writes(given, "run.output_dir"):
         # a recipe extending a run's config.yaml is a new run: inheriting the old run's
         # directory would resume the old checkpoints and overwrite its base file
