@@ -48,6 +48,7 @@ import torch
 
 from data_pipeline.shards import ShardIndex, expand_urls, load_index, parse_sample, retry
 from data_pipeline.sources import agreed_position
+from data_pipeline.storage import storage_errors
 from trainer.configlib import option
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,12 @@ class DataError(RuntimeError):
 
 
 def find_shards(spec: str | list[str]) -> list[str]:
-    """``data.urls`` expanded to shard URLs; a missing folder or an empty match is a DataError."""
+    """``data.urls`` expanded to shard URLs; a missing folder or an empty match is a
+    DataError, a store the user must fix (credentials, endpoint, bucket) an InputError."""
+    where = spec if isinstance(spec, str) else ",".join(spec)
     try:
-        urls = expand_urls(spec)
+        with storage_errors("data.urls", where):
+            urls = expand_urls(spec)
     except FileNotFoundError as err:
         raise DataError(f"data.urls: {err}") from None
     if not urls:
@@ -76,7 +80,8 @@ def shard_indexes(spec: str | list[str]) -> list[ShardIndex]:
 
     def load(url: str) -> ShardIndex:
         try:
-            return load_index(url)
+            with storage_errors("data.urls", url):
+                return load_index(url)
         except (FileNotFoundError, IsADirectoryError, PermissionError) as err:
             raise DataError(f"data.urls: shard {url}: {err}") from None
 

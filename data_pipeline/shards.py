@@ -41,6 +41,8 @@ from typing import Any
 
 import fsspec
 
+from data_pipeline.storage import explain
+
 log = logging.getLogger(__name__)
 
 INDEX_SUFFIX = ".index.json"
@@ -95,6 +97,7 @@ def retry(fn, *, what: str, attempts: int = 5, base_delay: float = 0.5):
             if (
                 isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError))
                 or attempt == attempts - 1
+                or explain(err) is not None  # credentials, endpoint, bucket: the user's to fix
             ):
                 raise
             delay = base_delay * 2**attempt
