@@ -20,7 +20,6 @@ from trainer.configlib import ConfigError
 
 if TYPE_CHECKING:
     from cluster.env import SlurmNode
-    from trainer.config import Config
 from trainer.signals import EXIT_COLLECTIVE_TIMEOUT, EXIT_CONFIG_ERROR, EXIT_FAILED
 
 
@@ -35,54 +34,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="ignore and delete existing checkpoints; start from step 0",
     )
-    return parser.parse_args(argv)
-
-
-def check_inputs(cfg: Config) -> list[str]:
-    """Inputs the ranks would fail to open, found before they start: the shard folders or
-    patterns ``data.urls`` names (listed, and the first shard looked up) and the tokenizer
-    models. Only what the store says is missing is reported; a store that cannot answer
-    (no credentials, unreachable, no fsspec backend) is left to the ranks, which retry."""
-    from data_pipeline.loader import DataError, find_shards
-
-    problems = []
-    urls = getattr(cfg.data, "urls", None)
-    if urls:
-        try:
-            first = find_shards(urls)[0]
-        except DataError as err:
-            problems.append(str(err))
-        except Exception:
-            first = None
-        else:
-            if _lookup(first) == "missing":
-                problems.append(f"data.urls: shard {first} does not exist")
-    for section in ("data", "objective"):
-        url = getattr(getattr(cfg, section), "tokenizer", None)
-        if isinstance(url, str) and url:
-            found = _lookup(url)
-            if found == "missing":
-                problems.append(f"{section}.tokenizer: {url} does not exist")
-            elif found == "directory":
-                problems.append(f"{section}.tokenizer: {url} is a folder, not a .model file")
-    return problems
-
-
-def _lookup(url: str) -> str | None:
-    """'missing', 'directory' or 'file' as the store answers; None when it cannot answer."""
-    import fsspec
-
-    try:
-        fs, path = fsspec.core.url_to_fs(url)
-        protocols = (fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol
-        if any(p.startswith("http") for p in protocols):
-            return None  # fsspec's HTTP store calls every failure "not found"
-        info = fs.info(path)
-    except FileNotFoundError:
-        return "missing"
-    except Exception:
-        return None
-    return "directory" if info.get("type") == "directory" else "file"
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the recipe and look up every input and output (data, weights, "
+        "tokenizers, checkpoint dir, credentials), print what was found, exit 0 or 2; "
+        "trains nothing",
+    )
+    return parser.parse_intermixed_args(argv)
 
 
 def supervise_local(num_workers: int, argv: list[str], node: SlurmNode | None = None) -> int:
@@ -145,7 +104,10 @@ def supervise_local(num_workers: int, argv: list[str], node: SlurmNode | None = 
             # after a collective timeout the others are hung (or stopped) in it: stop them now
             grace = 0 if exit_code == EXIT_COLLECTIVE_TIMEOUT else 30
             rank = node_rank * num_workers + codes.index(exit_code)
-            print(f"launch: rank {rank} exited with code {exit_code}; stopping", file=sys.stderr)
+            if exit_code != EXIT_CONFIG_ERROR:  # that rank's error line already says why
+                print(
+                    f"launch: rank {rank} exited with code {exit_code}; stopping", file=sys.stderr
+                )
             deadline = time.time() + grace
             while time.time() < deadline and any(p.poll() is None for p in procs):
                 time.sleep(0.2)
@@ -172,14 +134,28 @@ def main(argv: list[str] | None = None) -> int:
 
     wants_ray = cfg.cluster.launcher == "ray" or (cfg.cluster.launcher == "auto" and in_ray_job())
     # once per launcher: the ranks a local supervisor starts skip it
-    if os.environ.get("GENFLOW_LOCAL_SUPERVISOR") != "1" and (problems := check_inputs(cfg)):
-        if wants_ray:
-            # the driver's node may not see what the workers' nodes see (node-local copies)
-            for problem in problems:
-                print(f"warning: {problem} (on this node; Ray workers may see it)", file=sys.stderr)
-        else:
+    if args.check or os.environ.get("GENFLOW_LOCAL_SUPERVISOR") != "1":
+        from trainer.preflight import check_run, format_table
+
+        rows = check_run(cfg)
+        if args.check:
+            print(f"check: {args.recipe}\n{format_table(rows)}")
+        problems = [row.problem for row in rows if row.problem]
+        if wants_ray and not args.check:
+            # the driver's node may not see what the workers' nodes see (node-local
+            # copies); a remote store looks the same from every node
+            for row in rows:
+                if row.problem and not row.remote:
+                    print(
+                        f"warning: {row.problem} (on this node; Ray workers may see it)",
+                        file=sys.stderr,
+                    )
+            problems = [row.problem for row in rows if row.problem and row.remote]
+        if problems:
             print(f"error: {ConfigError(problems, args.recipe)}", file=sys.stderr)
             return EXIT_CONFIG_ERROR
+        if args.check:
+            return 0
 
     from cluster.env import detect, slurm_node
 
@@ -202,13 +178,17 @@ def main(argv: list[str] | None = None) -> int:
         return supervise_local(cfg.cluster.num_workers, argv)
 
     from data_pipeline.loader import DataError
+    from data_pipeline.storage import InputError
     from data_pipeline.tokenizer import TokenizerError
     from trainer.loop import TrainingDiverged, train
 
     try:
         return train(cfg, env, fresh=args.fresh)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, InputError) as err:
+        # every rank reads the same stores (each one lists every shard for the global
+        # plan) and meets the same InputError: rank 0 says it, the others stay quiet
+        if env.rank == 0 or not isinstance(err, InputError):
+            print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except (TrainingDiverged, DataError, TokenizerError) as err:
         # data found broken after the start (corrupt shards, a tokenizer that does not

@@ -205,7 +205,7 @@ def test_launcher_input_check_on_s3(s3_endpoint, tmp_path):
     prefix and a missing shard of a brace pattern are reported under data.urls."""
     import s3fs
 
-    from trainer.launch import check_inputs
+    from trainer.preflight import check_inputs
 
     s3fs.S3FileSystem.clear_instance_cache()
     urls = "s3://ckpts/check-test"

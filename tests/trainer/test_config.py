@@ -686,10 +686,13 @@ def test_launcher_reports_missing_inputs_before_starting_ranks(
     assert not run_dir.exists()
 
 
-def test_input_check_leaves_stores_that_cannot_answer_to_the_ranks(tmp_path, monkeypatch):
-    """An S3 endpoint that refuses connections or an HTTP tokenizer are not called
-    missing: the ranks retry and report them. A missing local file still is."""
-    from trainer.launch import check_inputs
+def test_input_check_reports_a_refusing_endpoint_and_leaves_http_to_the_ranks(
+    tmp_path, monkeypatch
+):
+    """An S3 endpoint that refuses connections is the user's to fix (named with its key);
+    an HTTP tokenizer's store cannot tell missing from failing, so the ranks try it. A
+    missing local file is reported as before."""
+    from trainer.preflight import check_inputs
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
@@ -706,7 +709,11 @@ def test_input_check_leaves_stores_that_cannot_answer_to_the_ranks(tmp_path, mon
             f"objective.tokenizer={tmp_path}/nope.model",
         ],
     )
-    assert check_inputs(cfg) == [f"objective.tokenizer: {tmp_path}/nope.model does not exist"]
+    assert check_inputs(cfg) == [
+        "data.urls: s3://nobody/shards: cannot reach http://127.0.0.1:9: check "
+        "AWS_ENDPOINT_URL and the network",
+        f"objective.tokenizer: {tmp_path}/nope.model does not exist",
+    ]
     s3fs.S3FileSystem.clear_instance_cache()
 
 
