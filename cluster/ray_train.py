@@ -7,8 +7,9 @@ process (the driver) joins the cluster and runs ``trainer.loop.train`` on
 ``cluster.num_workers`` Ray Train workers. Ray places them, wires them into one process
 group (gloo on CPU, gloo for CPU tensors + nccl on GPU, with ``cluster.timeout_s``) and,
 when one fails, restarts them all together up to ``cluster.max_failures`` times. A
-mistake a restart cannot fix (bad config, data or tokenizer, a diverged run) ends the
-run after one restart, with the one-line error a local launch prints.
+mistake a restart cannot fix ends the run with the one-line error a local launch
+prints: at once for a bad config or an input or output the store refuses, after one
+restart for bad data or tokenizer or a diverged run.
 
 A restart resumes from our own ``latest`` checkpoint, exactly as rerunning the command
 would; Ray's checkpoint API (``ray.train.report``) is deliberately unused, since our DCP
@@ -230,13 +231,16 @@ def _train_worker(config: dict[str, Any]) -> None:
     after a stop the driver asked for (checkpoint saved).
 
     A mistake that a restart cannot fix (the errors a local launch reports in one line:
-    bad config, data or tokenizer, a diverged run) is recorded for the driver before the
-    raise; the restarted group then returns at once, so the run ends after one restart
-    with that message, even under ``cluster.max_failures: -1``."""
+    bad config, an input or output the store refuses, bad data or tokenizer, a diverged
+    run) is recorded for the driver. Config and store mistakes meet every rank alike, so
+    the worker returns without raising and the run ends at once; for the others the
+    worker raises, the restarted group returns at once, and the run ends after one
+    restart with that message, even under ``cluster.max_failures: -1``."""
     import ray
     import ray.train
 
     from data_pipeline.loader import DataError
+    from data_pipeline.storage import InputError
     from data_pipeline.tokenizer import TokenizerError
     from trainer import distributed as D
     from trainer.configlib import ConfigError
@@ -271,9 +275,14 @@ def _train_worker(config: dict[str, Any]) -> None:
     # Ray Train already joined the process group (TorchConfig); init_distributed keeps it.
     try:
         code = train(cfg, env)
-    except (ConfigError, DataError, TokenizerError, TrainingDiverged) as err:
-        code = EXIT_CONFIG_ERROR if isinstance(err, ConfigError) else EXIT_FAILED
+    except (ConfigError, InputError, DataError, TokenizerError, TrainingDiverged) as err:
+        same_everywhere = isinstance(err, (ConfigError, InputError))
+        code = EXIT_CONFIG_ERROR if same_everywhere else EXIT_FAILED
         ray.get(control.set_fatal.remote(code, f"rank {env.rank}: {err}"), timeout=60)
+        if same_everywhere:
+            # every rank meets the same recipe and stores and returns here: the driver
+            # prints the line, and Ray Train has no worker traceback to add to the logs
+            return
         raise
     except RuntimeError as err:
         message = D.report_timeout(err, env.rank, cfg.cluster.timeout_s)

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cluster.env import DistEnv
+from data_pipeline.storage import storage_errors
 from trainer import distributed as D
 from trainer.backends import make_backend
 from trainer.backends.base import make_optimizer  # noqa: F401  (re-exported for benchmarks)
@@ -148,7 +149,8 @@ class Trainer:
         )
         if fresh and self.rank == 0:
             log.warning("--fresh: removing checkpoints under %s and old metrics", ckpt_root)
-            self.ckpt.store.wipe()
+            with self._ckpt_errors():
+                self.ckpt.store.wipe()
             (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
         dist.barrier()
         if self.rank == 0:
@@ -163,7 +165,8 @@ class Trainer:
         if cfg.checkpoint.resume:
             # Before building: a checkpoint of another backend is a user mistake, and an
             # engine may have to be built for what it loads (DeepSpeed: universal loading).
-            self.backend.expect_resume(self.ckpt.latest_meta())
+            with self._ckpt_errors():
+                self.backend.expect_resume(self.ckpt.latest_meta())
         self.model = self.backend.build_model(
             MODELS[cfg.model.name], cfg.model, cfg.optimizer, cfg.run.seed
         )
@@ -211,16 +214,26 @@ class Trainer:
             "objective": self.objective.state_dict(),
         }
 
+    def _ckpt_errors(self):
+        """A store that refuses the checkpoint dir (credentials, bucket, access) names its key."""
+        key = "checkpoint.dir" if self.cfg.checkpoint.dir else "run.output_dir"
+        return storage_errors(key, self.ckpt.store.root)
+
     def save(self, *, blocking: bool | None = None) -> float:
-        return self.ckpt.save(
-            self.counters.step,
-            self.backend.checkpoint_state(self.ema),
-            self.trainer_state(),
-            self.rank_state(),
-            blocking=blocking,
-        )
+        with self._ckpt_errors():
+            return self.ckpt.save(
+                self.counters.step,
+                self.backend.checkpoint_state(self.ema),
+                self.trainer_state(),
+                self.rank_state(),
+                blocking=blocking,
+            )
 
     def maybe_resume(self) -> bool:
+        with self._ckpt_errors():
+            return self._resume()
+
+    def _resume(self) -> bool:
         self.ckpt.clean_incomplete()
         if not self.cfg.checkpoint.resume or self.ckpt.store.latest_step() is None:
             # Nothing to load: building the state now would not be free. DCP's

@@ -69,6 +69,17 @@ class ConditioningConfig:
         return out
 
 
+def _build(name: str, cfg: ClipTextEncoderConfig | T5EncoderConfig) -> nn.Module:
+    """The encoder; weights or a tokenizer not at their path are an InputError naming it."""
+    from data_pipeline.storage import InputError
+    from data_pipeline.text_encoders import build_text_encoder
+
+    try:
+        return build_text_encoder(cfg)
+    except FileNotFoundError as err:
+        raise InputError(f"objective.conditioning.{name}: {err}") from None
+
+
 def _uniforms(seed: int, step: int, index: torch.Tensor, count: int) -> torch.Tensor:
     """(B, count) uniforms, a pure function of (seed, step, sample index)."""
     from trainer.objectives.rectified_flow import sample_seed
@@ -99,10 +110,8 @@ class TextConditioner(nn.Module):
         self.clip = nn.ModuleList()
         self.t5 = None
         if cfg.source == "encoders":
-            from data_pipeline.text_encoders import build_text_encoder
-
-            self.clip.extend(build_text_encoder(c) for c in cfg.clip)
-            self.t5 = build_text_encoder(cfg.t5) if cfg.t5 is not None else None
+            self.clip.extend(_build(f"clip[{i}]", c) for i, c in enumerate(cfg.clip))
+            self.t5 = _build("t5", cfg.t5) if cfg.t5 is not None else None
         self.requires_grad_(False)
 
     def shard_for(self, mesh) -> None:
