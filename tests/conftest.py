@@ -51,6 +51,18 @@ def run_launch(
     return proc
 
 
+def run_module(module: str, *args: str, env=None, timeout=300) -> subprocess.CompletedProcess:
+    """``python -m MODULE ARGS`` from the repo root; output captured, exit code not checked."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO,
+        env=launch_env() if env is None else env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

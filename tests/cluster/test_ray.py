@@ -430,22 +430,49 @@ def test_ray_job_stop_checkpoints_and_the_next_submission_resumes(ray_head, inpu
     assert store.latest_step() == resume_to
 
 
-@pytest.mark.e2e
-def test_a_mistake_no_restart_can_fix_ends_the_job_with_the_ranks_error(ray_head, inputs, tmp_path):
-    """Shards that do not exist, under cluster.max_failures=-1 (restart forever): the job
-    ends after one restart, with the rank's one-line error, instead of looping."""
-    missing = tmp_path / "no_shards"
-    given = [o for o in inputs if not o.startswith("data.urls=")]
+def failed_job_logs(ray_head, inputs, tmp_path, replaced: str, override: str) -> str:
+    """Submit a 5-step job with ``override`` in place of the input starting with
+    ``replaced``, under cluster.max_failures=-1 (restart forever); it must fail."""
+    given = [o for o in inputs if not o.startswith(replaced)]
     overrides = run_overrides(
-        tmp_path / "run",
-        given,
-        "run.max_steps=5",
-        f"data.urls={missing}",
-        "cluster.max_failures=-1",
+        tmp_path / "run", given, "run.max_steps=5", override, "cluster.max_failures=-1"
     )
     client = job_client(ray_head)
     submission_id = submit(ray_head, *overrides)
     status, logs = wait_for_job(client, submission_id, timeout=JOB_WAIT_S)
     assert status == "FAILED", logs[-6000:]
+    return logs
+
+
+@pytest.mark.e2e
+def test_a_mistake_no_restart_can_fix_ends_the_job_with_the_ranks_error(ray_head, inputs, tmp_path):
+    """Shards that do not exist, under cluster.max_failures=-1 (restart forever): the job
+    ends after one restart, with the rank's one-line error, instead of looping."""
+    missing = tmp_path / "no_shards"
+    logs = failed_job_logs(ray_head, inputs, tmp_path, "data.urls=", f"data.urls={missing}")
     assert re.search(rf"error: rank \d: .*{missing}.* \(not retried", logs), logs[-6000:]
     assert "Ray Train gave up" not in logs
+
+
+@pytest.mark.e2e
+def test_a_missing_encoder_tokenizer_ends_the_job_with_one_line_and_no_traceback(
+    ray_head, inputs, tmp_path
+):
+    """A T5 tokenizer folder that is not at its path: the driver only warns (the workers'
+    nodes may have it), every rank meets the same InputError, and the job ends after the
+    first attempt with the key named once and no worker traceback in the logs."""
+    missing = tmp_path / "t5-tokenizer"
+    key = "objective.conditioning.t5"
+    logs = failed_job_logs(
+        ray_head, inputs, tmp_path, f"{key}.tokenizer_path=", f"{key}.tokenizer_path={missing}"
+    )
+    key = "objective.conditioning.t5"
+    assert f"warning: {key}.tokenizer_path: {missing} does not exist (on this node" in logs
+    errors = [line for line in logs.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, logs[-6000:]
+    assert re.fullmatch(
+        rf"error: rank \d: {key}: T5 tokenizer {missing} does not exist "
+        r"\(not retried: a restart cannot fix it\)",
+        errors[0],
+    ), errors
+    assert "Traceback" not in logs, logs[-6000:]
