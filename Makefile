@@ -57,6 +57,8 @@ demo: $(STAMP) $(TOKENIZER)
 	OMP_NUM_THREADS=1 $(PY) -m trainer.launch recipes/tiny/sd3_like.yaml run.max_steps=$(DEMO_STEPS) --fresh
 	$(PY) -m trainer.sample --run $(DEMO_RUN) --prompts $(DIGIT_PROMPTS) --num-per-prompt 8 --steps 20 --cfg 3 --out $(DEMO_RUN)/demo_samples
 	$(PY) -m trainer.plot $(DEMO_RUN)
+	@echo "how an independent digit classifier reads the samples (trainer.digit_judge):"
+	$(PY) -m trainer.digit_judge $(DEMO_RUN)/demo_samples
 	@echo "samples: $(DEMO_RUN)/demo_samples/grid.png (a row per digit)   loss: $(DEMO_RUN)/loss.png   metrics: $(DEMO_RUN)/metrics.jsonl"
 
 # pytest-xdist workers; each module stays on one worker (its fixtures are built once).

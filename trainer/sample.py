@@ -188,7 +188,12 @@ def run(args: argparse.Namespace) -> int:
     tmp = args.out / "samples.npz.tmp"
     tmp.write_bytes(buf.getvalue())
     os.replace(tmp, args.out / "samples.npz")
-    save_grid(samples, args.out / "grid.png", columns=args.num_per_prompt if conditional else None)
+    save_grid(
+        samples,
+        args.out / "grid.png",
+        columns=args.num_per_prompt if conditional else None,
+        row_labels=prompts if conditional else None,
+    )
     print(f"wrote {count} samples of step {step} to {args.out}/samples.npz and grid.png")
     return 0
 
