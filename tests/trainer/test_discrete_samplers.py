@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -290,3 +291,186 @@ def test_top_p_filter_and_categorical():
     assert picks == [0, 0, 1, 1, 2, 2, 3, 3]
     zero = torch.tensor([[0.0, 0.4, 0.0, 0.6]]).expand(4, 4)
     assert categorical(zero, torch.tensor([0.0, 0.39, 0.4, 0.99])).tolist() == [1, 1, 3, 3]
+
+
+# ------------------------------------------------------- confidence-ordered unmasking
+
+TRUE = torch.tensor([7, 8, 11, 7, 11, 8, 8, 7, 11, 7])  # the sequence the fake network knows
+# how sure it is of TRUE at each position: all distinct, so the reveal order is known
+SURE = torch.tensor(
+    [0.50, 0.95, 0.60, 0.85, 0.70, 0.99, 0.55, 0.80, 0.65, 0.90], dtype=torch.float64
+)
+
+
+class KnowsTrue:
+    """probs_fn of a network that puts SURE[l] on TRUE[l] and shares the rest over the two
+    other real ids, whatever it sees; it records the masks of every input."""
+
+    def __init__(self, vocab_size: int, sure: torch.Tensor = SURE):
+        self.inputs: list[torch.Tensor] = []
+        other = ((1 - sure) / 2)[:, None].expand(-1, len(REAL))
+        probs = torch.zeros(len(TRUE), vocab_size, dtype=torch.float64)
+        probs[:, list(REAL)] = other
+        probs.scatter_(-1, TRUE[:, None], sure[:, None].double())
+        self.probs = probs
+
+    def __call__(self, x_BL: torch.Tensor, t: float) -> torch.Tensor:
+        self.inputs.append(x_BL.clone())
+        return self.probs.expand(x_BL.shape[0], -1, -1)
+
+
+def confidence(fake, mask_id, *, steps, generator=None, start=None, **options):
+    from trainer.objectives.discrete import LogLinearSchedule
+    from trainer.samplers.discrete import masked_confidence
+
+    if start is None:
+        start = torch.full((3, len(TRUE)), mask_id)
+    generator = generator or torch.Generator().manual_seed(0)
+    return masked_confidence(
+        fake,
+        start,
+        LogLinearSchedule(),
+        steps=steps,
+        mask_id=mask_id,
+        generator=generator,
+        **options,
+    )
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_confidence_reveals_the_most_confident_on_schedule(vocab, temperature):
+    """Argmax candidates (temperature 0) or draws from a network that is sure of TRUE: the
+    sampler lands on TRUE, revealing positions by decreasing SURE, round(L (1 - t)) of them
+    by time t (log-linear: the mask ratio is t), all by the last step."""
+    vocab_size, mask_id = vocab
+    sure = SURE if temperature == 0 else 1 - (1 - SURE) * 1e-6
+    fake = KnowsTrue(vocab_size, sure)
+    out = confidence(fake, mask_id, steps=4, temperature=temperature)
+    assert torch.equal(out, TRUE.expand(3, -1))
+    assert len(fake.inputs) == 4
+    order = SURE.argsort(descending=True)
+    for i, x_BL in enumerate(fake.inputs):  # the input of step i: revealed by t = 1 - i / 4
+        revealed = round(len(TRUE) * i / 4)
+        expected = torch.full_like(TRUE, mask_id)
+        expected[order[:revealed]] = TRUE[order[:revealed]]
+        assert torch.equal(x_BL, expected.expand(3, -1)), i
+
+
+def test_confidence_commits_what_it_drew(vocab):
+    """At temperature 1 the candidates are draws: the flat-ish network's rows differ, yet
+    every committed token is a real id, and more steps than positions skip empty steps."""
+    vocab_size, mask_id = vocab
+    fake = KnowsTrue(vocab_size, torch.full_like(SURE, 0.4))
+    out = confidence(fake, mask_id, steps=25)
+    assert set(out.flatten().tolist()) <= set(REAL)
+    assert not torch.equal(out[0], out[1]) or not torch.equal(out[1], out[2])
+    assert len(fake.inputs) == len(TRUE)  # 25 steps, 10 reveal one token each
+
+
+def test_confidence_is_a_function_of_the_generator(vocab):
+    vocab_size, mask_id = vocab
+    runs = [
+        confidence(
+            KnowsTrue(vocab_size, torch.full_like(SURE, 0.4)),
+            mask_id,
+            steps=5,
+            generator=torch.Generator().manual_seed(seed),
+            remask=remask,
+        )
+        for seed in (3, 3, 4)
+        for remask in (0.0, 0.3)
+    ]
+    assert torch.equal(runs[0], runs[2]) and torch.equal(runs[1], runs[3])
+    assert not torch.equal(runs[0], runs[4]) and not torch.equal(runs[1], runs[5])
+
+
+def test_corrector_remasks_only_decoded_tokens_and_ends_unmasked(vocab):
+    """With a prompt (positions clean in the input), each corrector input has the
+    predictor's output with the round(remask R) weakest decoded tokens masked again: never
+    a prompt position, the masked count back on the schedule after it, none at the end."""
+    vocab_size, mask_id = vocab
+    fake = KnowsTrue(vocab_size)
+    start = torch.full((1, len(TRUE)), mask_id)
+    prompt = [1, 5]  # the network's two surest positions, given a different token
+    start[0, prompt] = 11
+    out = confidence(fake, mask_id, steps=4, start=start, temperature=0.0, remask=0.5)
+    assert not bool((out == mask_id).any()) and out[0, prompt].tolist() == [11, 11]
+    assert len(fake.inputs) == 8  # a predictor and a corrector call per step
+    free = len(TRUE) - len(prompt)
+    for i in range(4):
+        corrector_in = fake.inputs[2 * i + 1]
+        assert corrector_in[0, prompt].tolist() == [11, 11]
+        decoded_after = free - round(free * (1 - (i + 1) / 4))
+        remasked = round(0.5 * decoded_after)
+        assert int((corrector_in == mask_id).sum()) == free - decoded_after + remasked, i
+        # the corrector's call restores the schedule: the next predictor sees its count
+        if i < 3:
+            masked_next = int((fake.inputs[2 * i + 2] == mask_id).sum())
+            assert masked_next == free - decoded_after, i
+    # weakest first: after the first predictor step (the 2 surest free positions 9, 3),
+    # half of them, the less sure (3), is masked again
+    assert (fake.inputs[1] == mask_id)[0].nonzero().flatten().tolist() == [0, 2, 3, 4, 6, 7, 8]
+    free_positions = [i for i in range(len(TRUE)) if i not in prompt]
+    assert torch.equal(out[0, free_positions], TRUE[free_positions])
+
+
+@pytest.mark.parametrize(
+    "cls,cfg_cls,time_conditioning", [(MDLM, MDLMConfig, False), (SEDD, SEDDConfig, True)]
+)
+@pytest.mark.parametrize("sampler", ["confidence", "pc"])
+def test_confidence_samplers_of_mdlm_and_sedd_keep_to_the_allowed_sequences(
+    tok_path, vocab, cls, cfg_cls, time_conditioning, sampler
+):
+    """On the exact oracle, one reveal per step from exact conditionals can only build
+    allowed sequences (the choice of position biases their frequencies, so no TV check);
+    the broken oracle fails. The recipe's ``sampler`` option picks the same sampler."""
+    vocab_size, mask_id = vocab
+    offset = math.log(vocab_size - 1) if cls is SEDD else 0.0
+    oracle = Oracle(
+        vocab_size,
+        mask_id,
+        mode="diffusion",
+        score_offset=offset,
+        time_conditioning=time_conditioning,
+    )
+    obj = objective(cls, cfg_cls, tok_path)
+    draws = {}
+    for how in ("argument", "config"):
+        if how == "config":
+            obj = objective(cls, cfg_cls, tok_path, sampler=sampler)
+        gen = torch.Generator().manual_seed(1)
+        kwargs = {"sampler": sampler} if how == "argument" else {}
+        draws[how] = obj.generate(oracle, 300, LENGTH, steps=8, generator=gen, **kwargs)
+    assert torch.equal(draws["argument"], draws["config"])
+    invalid, _ = score(draws["config"])
+    assert invalid == 0, (sampler, invalid)
+    assert len(set(map(tuple, draws["config"].tolist()))) > 1
+    oracle.broken = True
+    invalid, _ = score(obj.generate(oracle, 300, LENGTH, steps=8, generator=gen))
+    assert invalid > 0.5
+
+
+def test_unknown_sampler_names_and_misplaced_temperature_are_errors(tok_path, vocab):
+    from trainer.config import load_config
+    from trainer.configlib import ConfigError
+
+    vocab_size, mask_id = vocab
+    oracle = Oracle(vocab_size, mask_id, mode="diffusion", time_conditioning=True)
+    gen = torch.Generator()
+    for cls, cfg_cls, choices in (
+        (MDLM, MDLMConfig, "['ancestral', 'confidence', 'pc']"),
+        (SEDD, SEDDConfig, "['analytic', 'euler', 'confidence', 'pc']"),
+    ):
+        obj = objective(cls, cfg_cls, tok_path)
+        with pytest.raises(
+            ValueError,
+            match=rf"unknown {cls.__name__} sampler 'maskgit'; "
+            rf"one of {re.escape(choices)}",
+        ):
+            obj.generate(oracle, 2, LENGTH, steps=4, generator=gen, sampler="maskgit")
+        with pytest.raises(ValueError, match="temperature applies to the samplers"):
+            obj.generate(oracle, 2, LENGTH, steps=4, generator=gen, temperature=0.5)
+        obj.generate(oracle, 2, LENGTH, steps=4, generator=gen, sampler="pc", temperature=0.5)
+    for name in ("mdlm", "sedd"):
+        with pytest.raises(ConfigError, match=r"objective.sampler: 'maskgit' is not allowed"):
+            load_config(f"recipes/tiny/{name}.yaml", ["objective.sampler=maskgit"])

@@ -33,9 +33,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_type_hints
 
 import torch
 from torch import nn
@@ -287,12 +287,60 @@ class TokenObjective(Objective):
         self.generator.set_state(state["generator"])
 
 
+# The confidence samplers of MDLM and SEDD: name -> share of the decoded tokens that the
+# corrector remasks after each step (trainer/samplers/discrete.py, masked_confidence).
+# 0.25 is not tuned: the tiny runs measured so far get ~0 sums right with every sampler.
+CONFIDENCE_SAMPLERS = {"confidence": 0.0, "pc": 0.25}
+
+
 class MaskedDiffusionObjective(TokenObjective):
     """Masking, time draws and the NELBO estimator; subclasses give ``nelbo_terms``."""
 
     def __init__(self, cfg: MaskedDiffusionConfig, *, seed: int, rank: int, device: torch.device):
         super().__init__(cfg, seed=seed, rank=rank, device=device)
         self.schedule = cfg.schedule()
+
+    # ------------------------------------------------------------------- sampling
+    def sampler_name(self, override: str | None, temperature: float = 1.0) -> str:
+        """``override`` or the recipe's ``sampler``; ValueError naming the choices."""
+        name = override or self.cfg.sampler
+        choices = list(get_args(get_type_hints(type(self.cfg))["sampler"]))
+        if name not in choices:
+            raise ValueError(f"unknown {type(self).__name__} sampler {name!r}; one of {choices}")
+        if temperature != 1.0 and name not in CONFIDENCE_SAMPLERS:
+            raise ValueError(
+                f"temperature applies to the samplers {list(CONFIDENCE_SAMPLERS)}, not {name!r}"
+            )
+        return name
+
+    def confidence_sample(
+        self,
+        name: str,
+        probs_fn: Callable[[torch.Tensor, float], torch.Tensor],
+        start_BL: torch.Tensor,
+        *,
+        steps: int,
+        generator: torch.Generator,
+        top_p: float | None,
+        temperature: float,
+        t_end: float,
+    ) -> torch.Tensor:
+        """``start_BL`` unmasked by the confidence sampler ``name`` (CONFIDENCE_SAMPLERS)."""
+        # trainer.samplers.discrete imports this module: a top-level import would cycle
+        from trainer.samplers.discrete import masked_confidence
+
+        return masked_confidence(
+            probs_fn,
+            start_BL,
+            self.schedule,
+            steps=steps,
+            mask_id=self.mask_id,
+            generator=generator,
+            top_p=self.cfg.top_p if top_p is None else top_p,
+            temperature=temperature,
+            remask=CONFIDENCE_SAMPLERS[name],
+            t_end=t_end,
+        )
 
     # ------------------------------------------------------------------ time draws
     def num_blocks(self, length: int) -> int:

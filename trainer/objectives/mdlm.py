@@ -10,7 +10,8 @@ w(t) = -alpha'_t / (1 - alpha_t) (1 / t for the log-linear schedule); one time p
 sequence, spread over the global batch (see trainer/objectives/discrete.py). The loss is
 the per-token NELBO in nats. Samples come from the ancestral sampler with MDLM's cache
 (a step that changes no token reuses the network's output; only without time
-conditioning), optionally with nucleus (top_p) sampling.
+conditioning), or from confidence-ordered unmasking with or without a remasking
+corrector (``sampler``), optionally with nucleus (top_p) sampling.
 
 Shapes: B batch, L sequence length, V vocabulary, N time draws per sequence (1 here).
 """
@@ -18,6 +19,7 @@ Shapes: B batch, L sequence length, V vocabulary, N time draws per sequence (1 h
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -37,6 +39,11 @@ from trainer.samplers.discrete import masked_ancestral
 @dataclass(kw_only=True)
 class MDLMConfig(MaskedDiffusionConfig):
     name: str = option("mdlm", "Training objective.")
+    sampler: Literal["ancestral", "confidence", "pc"] = option(
+        "ancestral",
+        "Evaluation sampler: ancestral, confidence-ordered unmasking, or that with the "
+        "remasking corrector (pc).",
+    )
 
 
 class MDLM(MaskedDiffusionObjective):
@@ -58,14 +65,15 @@ class MDLM(MaskedDiffusionObjective):
         *,
         steps: int,
         generator: torch.Generator,
-        sampler: str = "ancestral",
+        sampler: str | None = None,
         top_p: float | None = None,
+        temperature: float = 1.0,
         cache: bool = True,
     ) -> torch.Tensor:
-        """``num`` sequences of ``length`` tokens by ``steps`` ancestral steps.
-        ``cache``: reuse the network's output after a step that changed nothing."""
-        if sampler != "ancestral":
-            raise ValueError(f"unknown MDLM sampler {sampler!r}; one of ['ancestral']")
+        """``num`` sequences of ``length`` tokens by ``steps`` steps of ``sampler`` (default:
+        the recipe's). ``cache``: ancestral steps reuse the network's output after a step
+        that changed nothing; ``temperature``: the confidence samplers' candidates."""
+        sampler = self.sampler_name(sampler, temperature)
         self.check_model(model)
 
         def probs_fn(x_BL: torch.Tensor, t: float) -> torch.Tensor:
@@ -74,6 +82,17 @@ class MDLM(MaskedDiffusionObjective):
             return real_logits(logits, self.mask_id).softmax(-1)
 
         start = torch.full((num, length), self.mask_id, dtype=torch.long, device=self.device)
+        if sampler != "ancestral":
+            return self.confidence_sample(
+                sampler,
+                probs_fn,
+                start,
+                steps=steps,
+                generator=generator,
+                top_p=top_p,
+                temperature=temperature,
+                t_end=0.0,
+            )
         return masked_ancestral(
             probs_fn,
             start,

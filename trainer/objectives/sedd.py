@@ -48,8 +48,10 @@ from trainer.samplers.discrete import score_sampler
 @dataclass(kw_only=True)
 class SEDDConfig(MaskedDiffusionConfig):
     name: str = option("sedd", "Training objective.")
-    sampler: Literal["analytic", "euler"] = option(
-        "analytic", "Evaluation sampler: Tweedie tau-leaping (analytic) or Euler tau-leaping."
+    sampler: Literal["analytic", "euler", "confidence", "pc"] = option(
+        "analytic",
+        "Evaluation sampler: Tweedie tau-leaping (analytic), Euler tau-leaping, "
+        "confidence-ordered unmasking, or that with the remasking corrector (pc).",
     )
 
 
@@ -114,9 +116,12 @@ class SEDD(MaskedDiffusionObjective):
         generator: torch.Generator,
         sampler: str | None = None,
         top_p: float | None = None,
+        temperature: float = 1.0,
     ) -> torch.Tensor:
-        """``num`` sequences of ``length`` tokens by ``steps`` reverse steps of the
-        ``analytic`` (default) or ``euler`` sampler and a final denoising step."""
+        """``num`` sequences of ``length`` tokens by ``steps`` steps of ``sampler`` (default:
+        the recipe's): ``analytic`` or ``euler`` reverse steps and a final denoising step,
+        or a confidence sampler on softmax(l) (``temperature``: its candidates)."""
+        sampler = self.sampler_name(sampler, temperature)
         self.check_model(model)
 
         def logits_fn(x_BL: torch.Tensor, t: float) -> torch.Tensor:
@@ -124,14 +129,26 @@ class SEDD(MaskedDiffusionObjective):
             return model(x_BL, torch.full((num,), sigma, device=self.device))
 
         start = torch.full((num, length), self.mask_id, dtype=torch.long, device=self.device)
-        return score_sampler(
-            logits_fn,
+        t_end = self.cfg.time_min or 1e-5
+        if sampler in ("analytic", "euler"):
+            return score_sampler(
+                logits_fn,
+                start,
+                self.schedule,
+                steps=steps,
+                mask_id=self.mask_id,
+                generator=generator,
+                method=sampler,
+                top_p=self.cfg.top_p if top_p is None else top_p,
+                t_end=t_end,
+            )
+        return self.confidence_sample(
+            sampler,
+            lambda x_BL, t: real_logits(logits_fn(x_BL, t), self.mask_id).softmax(-1),
             start,
-            self.schedule,
             steps=steps,
-            mask_id=self.mask_id,
             generator=generator,
-            method=sampler or self.cfg.sampler,
-            top_p=self.cfg.top_p if top_p is None else top_p,
-            t_end=self.cfg.time_min or 1e-5,
+            top_p=top_p,
+            temperature=temperature,
+            t_end=t_end,
         )

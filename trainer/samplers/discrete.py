@@ -1,4 +1,5 @@
-"""Samplers of the token language models: MDLM ancestral, SEDD Euler / analytic, BD3-LM
+"""Samplers of the token language models: MDLM ancestral, SEDD Euler / analytic,
+confidence-ordered unmasking with an optional remasking corrector (MDLM and SEDD), BD3-LM
 semi-autoregressive and AR decoding. Plain functions; all randomness comes from the
 ``generator`` passed in.
 
@@ -9,6 +10,10 @@ optionally cut to its top-p nucleus. A step draws two uniforms per position (whe
 or not it is masked) and picks tokens by inverse CDF in float64, so a run is a fixed
 function of the generator and the network's outputs: BD3-LM's and AR's KV-cache paths
 give the same tokens as their recompute-everything references.
+
+The confidence sampler keeps the step's draws (two uniforms per position, inverse CDF)
+but chooses which positions to reveal by the network's confidence instead of by chance,
+as many per step as the schedule's mask ratio prescribes.
 
 Time runs from t = 1 (all [MASK]) to 0 on ``steps`` equal steps.
 
@@ -120,6 +125,118 @@ def masked_ancestral(
         if not (reuse_unchanged and torch.equal(new, x_BL)):
             probs = None
         x_BL = new
+    return x_BL
+
+
+def _ranks(key_BL: torch.Tensor, u_BL: torch.Tensor) -> torch.Tensor:
+    """Each position's rank in its row by ``key`` descending (0 = largest); ties go by the
+    uniforms, so equal keys (e.g. two certain predictions) are ordered at random."""
+    by_u = u_BL.argsort(-1, descending=True)
+    by_key = key_BL.gather(-1, by_u).argsort(dim=-1, descending=True, stable=True)
+    order = by_u.gather(-1, by_key)
+    positions = torch.arange(key_BL.shape[-1], device=key_BL.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+def commit_most_confident(
+    x_BL: torch.Tensor,
+    probs_BLV: torch.Tensor,
+    count_B: torch.Tensor,
+    *,
+    mask_id: int,
+    generator: torch.Generator,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One confidence step: every masked position draws a candidate from its row of
+    ``probs_BLV`` (sharpened by 1 / temperature, cut to top_p; temperature 0 = argmax) and
+    the ``count_B`` candidates of each row with the largest probability of their drawn
+    token are committed. Returns (x, confidence (B, L): that probability where committed,
+    +inf elsewhere)."""
+    u = _uniforms(generator, (2, *x_BL.shape), x_BL.device)
+    masked = x_BL == mask_id
+    q_NV = probs_BLV[masked].double()
+    if temperature == 0:
+        token_N = q_NV.argmax(-1)
+    else:
+        if temperature != 1:
+            q_NV = (q_NV.log() / temperature).softmax(-1)
+        q_NV = top_p_filter(q_NV, top_p)
+        token_N = categorical(q_NV, u[1][masked])
+    conf_BL = torch.full(x_BL.shape, -math.inf, dtype=torch.float64, device=x_BL.device)
+    conf_BL[masked] = q_NV.gather(-1, token_N[:, None])[:, 0]
+    chosen = masked & (_ranks(conf_BL, u[0]) < count_B[:, None])
+    out, tokens_BL = x_BL.clone(), x_BL.clone()
+    tokens_BL[masked] = token_N
+    out[chosen] = tokens_BL[chosen]
+    return out, torch.where(chosen, conf_BL, math.inf)
+
+
+@torch.no_grad()
+def masked_confidence(
+    probs_fn: ProbsFn,
+    x_BL: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    steps: int,
+    mask_id: int,
+    generator: torch.Generator,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    remask: float = 0.0,
+    t_end: float = 0.0,
+) -> torch.Tensor:
+    """Confidence-ordered unmasking (MaskGIT, Chang et al. 2022; LLaDA's low-confidence
+    remasking, Nie et al. 2025), optionally with a remasking corrector, t = 1 -> t_end.
+
+    Predictor, from t to s: each masked position draws a candidate token from
+    p_theta(x_0 | x_t) (see ``commit_most_confident``) and the k most confident
+    candidates of the row are committed, confidence being the probability of the drawn
+    token. k leaves round(M (1 - alpha_s - c) / (1 - alpha_1 - c)) positions masked,
+    M the row's masked count at the start and c = 1 - alpha_{t_end}: the schedule's mask
+    ratio (linear in t for the log-linear schedule), none after the last step.
+
+    Corrector (``remask`` > 0), after each predictor step: ReMDM's confidence remasking
+    (Wang et al. 2025, "Remasking Discrete Diffusion Models with Inference-Time Scaling",
+    ReMDM-conf) in top-k form. ReMDM-conf remasks each decoded token with a probability
+    shared out by softmax(-psi), psi the probability the token had when it was decoded;
+    here the r = round(remask R) decoded tokens of lowest psi are remasked (R: how many
+    this sampler has decoded so far; positions clean in the input never are), and one
+    predictor step at s commits r tokens again, so the masked count stays on the
+    schedule. The last step's corrector thus re-predicts the r weakest tokens with all
+    others visible. Network calls: ``steps`` (skipping steps that commit nothing), twice
+    that with the corrector.
+    """
+    if remask < 0 or remask > 1:
+        raise ValueError(f"remask must be in [0, 1], got {remask}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    times = _time_grid(steps, t_end)
+    ends = schedule.mask_prob(as_times([1.0, t_end]))
+    masked_at_start_B = (x_BL == mask_id).sum(-1)
+    decoded_BL = torch.zeros_like(x_BL, dtype=torch.bool)
+    psi_BL = torch.full(x_BL.shape, math.inf, dtype=torch.float64, device=x_BL.device)
+    options = dict(mask_id=mask_id, generator=generator, top_p=top_p, temperature=temperature)
+    for i in range(steps):
+        t, s = times[i], times[i + 1]
+        left = float((schedule.mask_prob(as_times(s)) - ends[1]) / (ends[0] - ends[1]))
+        target_B = torch.round(masked_at_start_B * (left if i < steps - 1 else 0.0)).long()
+        count_B = ((x_BL == mask_id).sum(-1) - target_B).clamp_min(0)
+        if bool((count_B > 0).any()):
+            x_BL, psi = commit_most_confident(x_BL, probs_fn(x_BL, t), count_B, **options)
+            decoded_BL |= psi < math.inf
+            psi_BL = torch.where(psi < math.inf, psi, psi_BL)
+        redo_B = torch.round(remask * decoded_BL.sum(-1)).long()
+        if not bool((redo_B > 0).any()):
+            continue
+        u = _uniforms(generator, x_BL.shape, x_BL.device)
+        key_BL = torch.where(decoded_BL, -psi_BL, -math.inf)
+        weakest = decoded_BL & (_ranks(key_BL, u) < redo_B[:, None])
+        x_BL = x_BL.masked_fill(weakest, mask_id)
+        decoded_BL &= ~weakest
+        x_BL, psi = commit_most_confident(x_BL, probs_fn(x_BL, s), redo_B, **options)
+        decoded_BL |= psi < math.inf
+        psi_BL = torch.where(psi < math.inf, psi, psi_BL)
     return x_BL
 
 
