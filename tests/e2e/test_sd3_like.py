@@ -1,25 +1,35 @@
 """The tiny SD3-like recipe end to end: digit shards + tokenizer -> MMDiT trained with
-rectified flow on 2 CPU ranks -> `trainer.sample` with CFG -> a digit classifier (trained
-here on scikit-learn's digits) reads the prompted digit in >= 90% of the samples, while an
-untrained model of the same recipe fails the same check."""
+rectified flow on 2 CPU ranks -> `trainer.sample` with CFG -> `trainer.digit_judge` (a
+classifier trained on scikit-learn's digits) reads every prompted digit in its own row, and
+each row is varied, while an untrained model of the same recipe fails, and so does a model
+trained without one digit and on one image of each other digit."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, launch_env, read_metrics, run_launch
+from conftest import REPO, launch_env, read_metrics, run_launch, run_module
+
+from trainer import digit_judge
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 RECIPE = REPO / "recipes" / "tiny" / "sd3_like.yaml"
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 PER_DIGIT = 10
-THRESHOLD = 0.9
+THRESHOLD = 0.9  # mean over digits
+# Every digit on its own (the demo's zero row once came out as fours while the mean was 0.89)
+# and the spread of each digit's samples against the real digits' (trainer.digit_judge):
+MIN_DIGIT_ACCURACY = 0.7
+MIN_DIVERSITY = 0.3
 # 1000 steps reach 100% on this setup (measured); the recipe's own 40 steps are the CI smoke run
 TRAIN = ("run.max_steps=1000", "eval.every=500", "checkpoint.every=500")
+BUG_TRAIN = ("run.max_steps=500", "eval.every=0", "checkpoint.every=500")
+BUG_MEAN = 0.8
 
 
 @pytest.fixture(scope="module")
@@ -59,59 +69,30 @@ def inputs(tmp_path_factory):
     return [f"data.urls={shards}", f"objective.conditioning.t5.tokenizer_path={tok}.model"]
 
 
-def digit_classifier():
-    """Logistic regression on scikit-learn's 8x8 digits (the data the shards came from)."""
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
-
-    digits = load_digits()
-    return LogisticRegression(max_iter=5000).fit(digits.data / 16.0, digits.target)
-
-
-def to_digit_features(images_NHWC: np.ndarray) -> np.ndarray:
-    """uint8 RGB images -> grey 8x8 in [0, 1], the classifier's input space."""
-    from PIL import Image
-
-    out = []
-    for image in images_NHWC:
-        grey = Image.fromarray(image).convert("L").resize((8, 8), Image.BILINEAR)
-        out.append(np.asarray(grey, dtype=np.float32).reshape(-1) / 255.0)
-    return np.stack(out)
-
-
-def prompted_accuracy(run_dir, out_dir, classifier) -> float:
-    prompts = [f"a photo of the digit {w}" for w in WORDS]
-    cmd = [
-        sys.executable,
-        "-m",
+def prompted_report(run_dir, out_dir, per_digit: int = PER_DIGIT) -> digit_judge.Report:
+    """Sample ``per_digit`` images of each digit prompt and judge them per digit."""
+    prompts = [digit_judge.PROMPT.format(w) for w in WORDS]
+    proc = run_module(
         "trainer.sample",
-        "--run",
-        str(run_dir),
-        "--prompts",
-        *prompts,
-        "--num-per-prompt",
-        str(PER_DIGIT),
-        "--steps",
-        "20",
-        "--cfg",
-        "3.0",
-        "--seed",
-        "0",
-        "--out",
-        str(out_dir),
-    ]
-    proc = subprocess.run(
-        cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True, timeout=600
+        *("--run", str(run_dir), "--prompts", *prompts),
+        *("--num-per-prompt", str(per_digit), "--steps", "20", "--cfg", "3.0", "--seed", "0"),
+        *("--out", str(out_dir)),
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    data = np.load(out_dir / "samples.npz")
-    images, labels = data["images"], data["prompts"]
-    assert images.shape == (10 * PER_DIGIT, 8, 8, 3) and images.dtype == np.uint8
-    assert list(labels[:PER_DIGIT]) == [prompts[0]] * PER_DIGIT
+    images, labels = digit_judge.load_samples(out_dir)
+    assert images.shape == (10 * per_digit, 8, 8, 3) and images.dtype == np.uint8
+    assert labels[:per_digit] == [prompts[0]] * per_digit
     assert (out_dir / "grid.png").exists()
-    target = np.array([WORDS.index(p.rsplit(" ", 1)[-1]) for p in labels])
-    predicted = classifier.predict(to_digit_features(images))
-    return float((predicted == target).mean())
+    report = digit_judge.judge(images, labels)
+    print(report.table())
+    return report
+
+
+def assert_every_digit_drawn(report: digit_judge.Report, mean_bar: float) -> None:
+    assert report.mean_accuracy >= mean_bar, report.table()
+    assert report.min_accuracy >= MIN_DIGIT_ACCURACY, report.table()
+    assert report.min_diversity >= MIN_DIVERSITY, report.table()
 
 
 def test_classifier_reads_the_shard_images(inputs):
@@ -129,14 +110,16 @@ def test_classifier_reads_the_shard_images(inputs):
     )
     batch = src.next_batch()
     images = ((batch["x"].numpy() + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
-    accuracy = (
-        digit_classifier().predict(to_digit_features(images)) == batch["label"].numpy()
-    ).mean()
-    assert accuracy > 0.95
+    read = digit_judge.classifier().predict(digit_judge.features(images))
+    assert (read == batch["label"].numpy()).mean() > 0.95
+    # real shard images are as varied as the judge's reference digits (about 1)
+    report = digit_judge.judge(
+        images, [digit_judge.PROMPT.format(WORDS[y]) for y in batch["label"]]
+    )
+    assert report.min_diversity > 0.8 and max(r.diversity for r in report.rows) < 1.2
 
 
-def test_trained_tiny_sd3_draws_the_prompted_digit_untrained_does_not(inputs, tmp_path):
-    classifier = digit_classifier()
+def test_trained_tiny_sd3_draws_every_prompted_digit_untrained_does_not(inputs, tmp_path):
     trained, untrained = tmp_path / "trained", tmp_path / "untrained"
     run_launch(RECIPE, f"run.output_dir={trained}", *TRAIN, *inputs, timeout=1500)
     records = [r for r in read_metrics(trained) if "loss" in r]
@@ -150,12 +133,9 @@ def test_trained_tiny_sd3_draws_the_prompted_digit_untrained_does_not(inputs, tm
         "eval.every=0",
         *inputs,
     )
-    accuracy = prompted_accuracy(trained, tmp_path / "samples_trained", classifier)
-    baseline = prompted_accuracy(untrained, tmp_path / "samples_untrained", classifier)
-    assert baseline < THRESHOLD, f"the untrained baseline must fail the bound ({baseline:.2f})"
-    assert accuracy >= THRESHOLD, (
-        f"prompted-digit accuracy {accuracy:.2f} (untrained {baseline:.2f})"
-    )
+    baseline = prompted_report(untrained, tmp_path / "samples_untrained")
+    assert baseline.mean_accuracy < THRESHOLD, baseline.table()
+    assert_every_digit_drawn(prompted_report(trained, tmp_path / "samples_trained"), THRESHOLD)
 
 
 DDPM_BOUND = 0.8
@@ -163,7 +143,7 @@ DDPM_BOUND = 0.8
 
 def test_ddpm_family_on_the_same_setup(inputs, tmp_path):
     """The DDPM family (v-prediction, cosine schedule rescaled to zero terminal SNR, DDIM)
-    trained on the same tiny MMDiT setup for the same 1000 steps draws the prompted digit.
+    trained on the same tiny MMDiT setup for the same 1000 steps draws every prompted digit.
 
     Bound: this configuration measured 0.98 here (benchmarks/RESULTS.md); 0.8 leaves room for
     float differences between machines and still fails chance (0.1) and the untrained model.
@@ -192,5 +172,51 @@ def test_ddpm_family_on_the_same_setup(inputs, tmp_path):
         conditioning,
         timeout=1500,
     )
-    accuracy = prompted_accuracy(run, tmp_path / "samples", digit_classifier())
-    assert accuracy >= DDPM_BOUND, accuracy
+    assert_every_digit_drawn(prompted_report(run, tmp_path / "samples"), DDPM_BOUND)
+
+
+def one_image_per_digit_without_zero(root: Path) -> Path:
+    """The bug as shards: no zeros at all, and each other digit a single image (repeated
+    so that each of the 2 ranks has a shard), captioned like builtin:digits."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    real_x, real_y = digit_judge.reference(16)
+    confidence = digit_judge.classifier().decision_function(real_x)
+    images = root / "images"
+    images.mkdir(parents=True)
+    for digit in range(1, 10):
+        # the image the judge reads most surely: the check, not the judge, must fail
+        clearest = int(np.argmax(np.where(real_y == digit, confidence[:, digit], -1.0)))
+        pixels = (digits.images[clearest] / 16.0 * 255).clip(0, 255).astype(np.uint8)
+        image = Image.fromarray(pixels).resize((16, 16), Image.BILINEAR).convert("RGB")
+        for copy in range(4):
+            image.save(images / f"{digit}_{copy}.png")
+            (images / f"{digit}_{copy}.txt").write_text(digit_judge.PROMPT.format(WORDS[digit]))
+    shards = root / "shards"
+    proc = run_module(
+        "data_pipeline.build", str(images), "--out", str(shards), "--shard-size", "18"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return shards
+
+
+def test_per_digit_checks_fail_a_model_missing_a_digit_and_collapsed(inputs, tmp_path):
+    """A model trained without zeros and on one image per digit: the mean accuracy alone
+    (the check this module had) lets it through; the per-digit accuracy (zero is drawn as
+    another digit) and the diversity (each row is one image repeated) fail it."""
+    run = tmp_path / "bug"
+    shards = one_image_per_digit_without_zero(tmp_path / "bug_data")
+    run_launch(
+        RECIPE,
+        f"run.output_dir={run}",
+        *BUG_TRAIN,
+        f"data.urls={shards}",
+        inputs[1],
+        timeout=1500,
+    )
+    report = prompted_report(run, tmp_path / "samples")
+    assert report.mean_accuracy >= BUG_MEAN, report.table()
+    assert report.rows[0].accuracy < MIN_DIGIT_ACCURACY, report.table()
+    assert report.min_diversity < MIN_DIVERSITY, report.table()
