@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-try:  # trainer.configlib (imported by models.mmdit) reads recipe YAML with it
+try:  # configlib (imported by models.mmdit) reads recipe YAML with it
     import yaml  # noqa: F401
 except ImportError:  # a bare GPU box with only torch: this script reads no YAML
     sys.modules["yaml"] = types.SimpleNamespace(YAMLError=Exception, safe_load=None)

@@ -62,7 +62,7 @@ def in_ray_job(environ: dict[str, str] | None = None) -> bool:
 def resolve_output_paths(cfg: Any, *, in_job: bool, cwd: str) -> Any:
     """``cfg`` with absolute run.output_dir and checkpoint.dir; ConfigError for a relative
     one inside a Ray job (see the module doc)."""
-    from trainer.configlib import ConfigError
+    from configlib import ConfigError
 
     problems: list[str] = []
 
@@ -239,11 +239,11 @@ def _train_worker(config: dict[str, Any]) -> None:
     import ray
     import ray.train
 
+    from configlib import ConfigError
     from data_pipeline.loader import DataError
     from data_pipeline.storage import InputError
     from data_pipeline.tokenizer import TokenizerError
     from trainer import distributed as D
-    from trainer.configlib import ConfigError
     from trainer.loop import TrainingDiverged, train
     from trainer.signals import (
         EXIT_CONFIG_ERROR,
@@ -306,8 +306,8 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 def run_ray(cfg: Any, *, fresh: bool = False) -> int:
     """Drive a Ray Train run of ``cfg`` to its end; returns the process exit code."""
+    from configlib import ConfigError
     from trainer.config import check_world_size
-    from trainer.configlib import ConfigError
     from trainer.signals import EXIT_CONFIG_ERROR, EXIT_FAILED, EXIT_OK, EXIT_PREEMPTED
 
     in_job = in_ray_job()

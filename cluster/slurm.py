@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trainer.configlib import ConfigError
+from configlib import ConfigError
 from trainer.signals import EXIT_CONFIG_ERROR, EXIT_FAILED, EXIT_PREEMPTED
 
 REPO = Path(__file__).resolve().parents[1]

@@ -46,10 +46,10 @@ import fsspec
 import numpy as np
 import torch
 
+from configlib import option
 from data_pipeline.shards import ShardIndex, expand_urls, load_index, parse_sample, retry
 from data_pipeline.sources import agreed_position
 from data_pipeline.storage import storage_errors
-from trainer.configlib import option
 
 log = logging.getLogger(__name__)
 

@@ -59,6 +59,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from configlib import ConfigError, from_dict, load_yaml_with_bases, option, to_dict
 from data_pipeline.loader import IMAGE_EXTS, decode_image
 from data_pipeline.shards import (
     INDEX_SUFFIX,
@@ -74,7 +75,6 @@ from data_pipeline.shards import (
 )
 from data_pipeline.text_encoders import ClipTextEncoderConfig, T5EncoderConfig
 from models.autoencoder import IdentityAutoencoderConfig
-from trainer.configlib import ConfigError, from_dict, load_yaml_with_bases, option, to_dict
 
 log = logging.getLogger(__name__)
 

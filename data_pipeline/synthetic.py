@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from configlib import option
 from data_pipeline.sources import agreed_position
-from trainer.configlib import option
 
 
 @dataclass

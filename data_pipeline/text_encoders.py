@@ -33,8 +33,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from configlib import option
 from models.common.parallelize import DTYPES
-from trainer.configlib import option
 
 # Random-init sizes, as plain data. "xxl" is T5 v1.1 XXL (the SD3 text encoder), so a
 # random-init run measures the real memory and speed of sharding it.

@@ -46,10 +46,10 @@ import fsspec
 import numpy as np
 import torch
 
+from configlib import option
 from data_pipeline.loader import DataError, shard_indexes
 from data_pipeline.shards import ShardIndex, retry
 from data_pipeline.sources import agreed_position
-from trainer.configlib import option
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.configlib import option
+from configlib import option
 
 
 @dataclass(kw_only=True)

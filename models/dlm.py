@@ -36,13 +36,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from configlib import option
 from models.common.attention import QKVProjection
 from models.common.embeddings import TimestepMLP, apply_rope, rope_cos_sin
 from models.common.init import ParamInit
 from models.common.modulation import AdaLNModulation, layer_norm
 from models.common.parallelize import ParallelPlan, apply_parallelism
 from models.common.presets import resolve_preset
-from trainer.configlib import option
 
 # width = num_heads x head_dim; cond_dim is the width of the sigma embedding c (MDLM: 128).
 # Parameters at V = 50258 (GPT-2 + [MASK]) with time conditioning (without): tiny 14.2M

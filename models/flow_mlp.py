@@ -10,11 +10,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from configlib import option
 from models.common.embeddings import timestep_embedding
 from models.common.init import ParamInit
 from models.common.parallelize import ParallelPlan, apply_parallelism
 from models.common.presets import resolve_preset
-from trainer.configlib import option
 
 PRESETS = {
     "tiny": {"hidden_dim": 128, "num_blocks": 3, "time_embed_dim": 64},

@@ -23,13 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from configlib import option
 from models.common.attention import QKVProjection, joint_attention
 from models.common.embeddings import PatchEmbed, TimestepMLP, unpatchify
 from models.common.init import ParamInit
 from models.common.modulation import AdaLNModulation, layer_norm, modulate
 from models.common.parallelize import ParallelPlan, apply_parallelism
 from models.common.presets import resolve_preset
-from trainer.configlib import option
 
 # num_heads x head_dim = width; "sd3_medium" is SD3-medium-like (~2B), "8b" SD3-large-like.
 PRESETS: dict[str, dict[str, int]] = {

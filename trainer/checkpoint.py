@@ -377,7 +377,7 @@ class CheckpointManager:
     def _check_format(self, step: int, meta: dict[str, Any]) -> None:
         saved_format = meta.get("format", "dcp")
         if saved_format != self.shards.format:
-            from trainer.configlib import ConfigError
+            from configlib import ConfigError
 
             raise ConfigError(
                 [

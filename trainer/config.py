@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal
 
 import yaml
 
-from trainer.configlib import (
+from configlib import (
     ConfigError,
     apply_overrides,
     from_dict,
@@ -22,7 +22,7 @@ from trainer.configlib import (
     recipe_chain,
     to_dict,
 )
-from trainer.configlib import _deep_merge as _merge
+from configlib import _deep_merge as _merge
 
 __all__ = ["Config", "ConfigError", "load_config", "dump_config"]
 

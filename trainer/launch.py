@@ -16,7 +16,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from trainer.configlib import ConfigError
+from configlib import ConfigError
 
 if TYPE_CHECKING:
     from cluster.env import SlurmNode

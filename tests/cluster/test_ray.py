@@ -22,8 +22,8 @@ import pytest
 from conftest import REPO, launch_env, read_metrics
 
 from cluster.ray_train import in_ray_job, resolve_output_paths
+from configlib import ConfigError
 from trainer.config import load_config
-from trainer.configlib import ConfigError
 
 RECIPE = "recipes/tiny/sd3_like.yaml"  # relative: the job runs in its working-dir copy
 VENV_BIN = Path(sys.executable).parent

@@ -221,7 +221,7 @@ def test_launcher_input_check_on_s3(s3_endpoint, tmp_path):
 
 
 def test_recipe_validation_of_the_data_section(tmp_path):
-    from trainer.configlib import ConfigError
+    from configlib import ConfigError
 
     with pytest.raises(ConfigError) as err:
         load_config(

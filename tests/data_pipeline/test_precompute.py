@@ -20,12 +20,12 @@ import torch
 import yaml
 from conftest import REPO, launch_env
 
+from configlib import from_dict
 from data_pipeline.build import main as build_main
 from data_pipeline.loader import WebDatasetConfig, WebDatasetSource, decode_image
 from data_pipeline.precompute import MANIFEST, load_spec, main, precompute
 from data_pipeline.shards import INDEX_SUFFIX, ShardWriter, load_index, parse_sample
 from data_pipeline.tokenizer import train_tokenizer
-from trainer.configlib import from_dict
 
 NUM_SHARDS, SHARD_SIZE = 4, 50
 WIDTH, HEIGHT = 12, 10  # decoded size differs from the 16 x 16 shards: the spec decides

@@ -11,6 +11,7 @@ import random
 import pytest
 import torch
 
+from configlib import ConfigError, from_dict
 from data_pipeline.text_encoders import (
     ClipTextEncoder,
     ClipTextEncoderConfig,
@@ -19,7 +20,6 @@ from data_pipeline.text_encoders import (
     shard_frozen_module,
 )
 from data_pipeline.tokenizer import train_tokenizer
-from trainer.configlib import ConfigError, from_dict
 
 TEXTS = ["a photo of the digit seven", "the red cat sleeps", "a garden"]
 # open_clip's bundled tokenizer covers any text; the T5 tests' tokenizer is trained on these words.

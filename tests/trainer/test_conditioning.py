@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.configlib import ConfigError, from_dict
+from configlib import ConfigError, from_dict
 from trainer.objectives.conditioning import ConditioningConfig, TextConditioner
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from configlib import apply_overrides, load_yaml_with_bases
 from data_pipeline.synthetic import GaussianMixture2DConfig
 from models.flow_mlp import FlowMLPConfig
 from trainer.config import (
@@ -19,7 +20,6 @@ from trainer.config import (
     dump_config,
     load_config,
 )
-from trainer.configlib import apply_overrides, load_yaml_with_bases
 from trainer.objectives.rectified_flow import RectifiedFlowConfig
 
 REPO = Path(__file__).resolve().parents[2]

@@ -19,11 +19,10 @@ import pytest
 import torch
 from torch import nn
 
+from configlib import ConfigError, from_dict
 from models.flow_mlp import FlowMLP, FlowMLPConfig
-from trainer.configlib import ConfigError, from_dict
-from trainer.objectives.base import EvalContext
+from trainer.objectives.base import EvalContext, sample_seed
 from trainer.objectives.ddpm import DDPM, DDPMConfig
-from trainer.objectives.rectified_flow import sample_seed
 from trainer.objectives.schedules import (
     DiscreteSchedule,
     spaced_timesteps,

@@ -27,9 +27,9 @@ import pytest
 import torch
 from torch import nn
 
+from configlib import ConfigError, from_dict
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 from models.dlm import DLMConfig, build
-from trainer.configlib import ConfigError, from_dict
 from trainer.objectives.ar import AR, ARConfig
 from trainer.objectives.bd3lm import BD3LM, BD3LMConfig, block_causal_mask, block_diffusion_mask
 from trainer.objectives.discrete import (

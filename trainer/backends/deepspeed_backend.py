@@ -612,7 +612,7 @@ class DeepSpeedBackend(Backend):
             from deepspeed.ops.op_builder import AsyncIOBuilder
 
             if not AsyncIOBuilder().is_compatible(verbose=False):
-                from trainer.configlib import ConfigError
+                from configlib import ConfigError
 
                 raise ConfigError(
                     [

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainer.configlib import option
+from configlib import option
 from trainer.objectives.discrete import TokenLMConfig, TokenObjective, time_conditioning
 from trainer.samplers.discrete import autoregressive
 

@@ -17,6 +17,11 @@ import torch
 from torch import nn
 
 
+def sample_seed(seed: int, step: int, index: int) -> int:
+    """A per-(step, sample) seed; distinct streams for distinct arguments."""
+    return (seed * 0x9E3779B1 + step * 0x85EBCA77 + index * 0xC2B2AE3D) % (2**63 - 1)
+
+
 @dataclass(frozen=True)
 class Phase:
     """One optimisation phase: which trainable module it updates and how often."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.configlib import option
+from configlib import option
 from trainer.objectives.discrete import (
     MaskedDiffusionConfig,
     MaskedDiffusionObjective,

@@ -24,8 +24,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from configlib import option
 from data_pipeline.text_encoders import ClipTextEncoderConfig, T5EncoderConfig
-from trainer.configlib import option
 
 
 @dataclass(kw_only=True)
@@ -82,7 +82,7 @@ def _build(name: str, cfg: ClipTextEncoderConfig | T5EncoderConfig) -> nn.Module
 
 def _uniforms(seed: int, step: int, index: torch.Tensor, count: int) -> torch.Tensor:
     """(B, count) uniforms, a pure function of (seed, step, sample index)."""
-    from trainer.objectives.rectified_flow import sample_seed
+    from trainer.objectives.base import sample_seed
 
     out = torch.empty(len(index), count)
     gen = torch.Generator()

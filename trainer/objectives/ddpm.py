@@ -18,11 +18,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from configlib import option
 from models.autoencoder import IdentityAutoencoderConfig
-from trainer.configlib import option
+from trainer.objectives.base import sample_seed
 from trainer.objectives.conditioning import ConditioningConfig
 from trainer.objectives.latent import LatentObjective
-from trainer.objectives.rectified_flow import sample_seed
 from trainer.objectives.schedules import (
     DiscreteSchedule,
     min_snr_weight,

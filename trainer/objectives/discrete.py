@@ -41,10 +41,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from configlib import option
 from data_pipeline.tokenizer import Tokenizer
-from trainer.configlib import option
-from trainer.objectives.base import EvalContext, Objective
-from trainer.objectives.rectified_flow import sample_seed
+from trainer.objectives.base import EvalContext, Objective, sample_seed
 
 MASK_PIECE = "[MASK]"
 _GOLDEN_64 = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: the Weyl step with the best spread

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from trainer.configlib import option
+from configlib import option
 from trainer.objectives.discrete import (
     MaskedDiffusionConfig,
     MaskedDiffusionObjective,

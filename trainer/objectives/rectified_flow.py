@@ -17,16 +17,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from configlib import option
 from models.autoencoder import IdentityAutoencoderConfig
-from trainer.configlib import option
+from trainer.objectives.base import sample_seed
 from trainer.objectives.conditioning import ConditioningConfig
 from trainer.objectives.latent import LatentObjective
 from trainer.samplers.flow import SAMPLERS, shifted_timesteps
-
-
-def sample_seed(seed: int, step: int, index: int) -> int:
-    """A per-(step, sample) seed; distinct streams for distinct arguments."""
-    return (seed * 0x9E3779B1 + step * 0x85EBCA77 + index * 0xC2B2AE3D) % (2**63 - 1)
 
 
 @dataclass(kw_only=True)
