@@ -40,9 +40,10 @@ from configlib import option
 from models.common.attention import QKVProjection
 from models.common.embeddings import TimestepMLP, apply_rope, rope_cos_sin
 from models.common.init import ParamInit
+from models.common.mlp import FeedForward
 from models.common.modulation import AdaLNModulation, layer_norm
 from models.common.parallelize import ParallelPlan, apply_parallelism
-from models.common.presets import resolve_preset
+from models.common.presets import count_params_on_meta, resolve_preset
 
 # width = num_heads x head_dim; cond_dim is the width of the sigma embedding c (MDLM: 128).
 # Parameters at V = 50258 (GPT-2 + [MASK]) with time conditioning (without): tiny 14.2M
@@ -166,16 +167,6 @@ class KVCache:
                 index = index_B.to(buf.device)
                 self._keys[layer] = buf.index_select(0, index)
                 self._values[layer] = self._values[layer].index_select(0, index)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
 
 
 class _Head(nn.Linear):
@@ -411,5 +402,4 @@ def parallelize(model: DLM, plan: ParallelPlan, mesh=None) -> DLM:
 
 
 def num_params(cfg: DLMConfig) -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in DLM(cfg).parameters())
+    return count_params_on_meta(DLM, cfg)

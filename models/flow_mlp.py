@@ -91,11 +91,7 @@ class FlowMLP(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
         init = ParamInit(self, seed)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                init.linear_(module)
-            elif isinstance(module, nn.LayerNorm):
-                init.layer_norm_(module)
+        init.defaults_(self)
         for block in self.blocks:  # start each block near identity
             init.zeros_(block.fc2.weight)
             init.zeros_(block.modulation.weight)

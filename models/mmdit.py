@@ -27,9 +27,10 @@ from configlib import option
 from models.common.attention import QKVProjection, joint_attention
 from models.common.embeddings import PatchEmbed, TimestepMLP, unpatchify
 from models.common.init import ParamInit
+from models.common.mlp import FeedForward
 from models.common.modulation import AdaLNModulation, layer_norm, modulate
 from models.common.parallelize import ParallelPlan, apply_parallelism
-from models.common.presets import resolve_preset
+from models.common.presets import count_params_on_meta, resolve_preset
 
 # num_heads x head_dim = width; "sd3_medium" is SD3-medium-like (~2B), "8b" SD3-large-like.
 PRESETS: dict[str, dict[str, int]] = {
@@ -71,16 +72,6 @@ class MMDiTConfig:
 
     def dims(self) -> dict[str, int]:
         return resolve_preset(PRESETS, self.size, self)
-
-
-class FeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(nn.functional.gelu(self.fc1(x), approximate="tanh"))
 
 
 class JointBlock(nn.Module):
@@ -180,11 +171,7 @@ class MMDiT(nn.Module):
     def init_weights(self, seed: int) -> None:
         """Xavier-uniform linears, zero biases; adaLN-zero (modulations and output zero)."""
         init = ParamInit(self, seed)
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                init.linear_(module)
-            elif isinstance(module, nn.RMSNorm):
-                init.ones_(module.weight)
+        init.defaults_(self)
         for module in self.modules():
             if isinstance(module, QKVProjection):
                 init.xavier_uniform_(module.qkv.weight, parts=3)  # q, k, v each as its own matrix
@@ -239,5 +226,4 @@ def parallelize(model: MMDiT, plan: ParallelPlan, mesh=None) -> MMDiT:
 
 
 def num_params(cfg: MMDiTConfig) -> int:
-    with torch.device("meta"):
-        return sum(p.numel() for p in MMDiT(cfg).parameters())
+    return count_params_on_meta(MMDiT, cfg)

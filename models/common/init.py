@@ -84,3 +84,13 @@ class ParamInit:
             self.ones_(norm.weight)
         if getattr(norm, "bias", None) is not None:
             self.zeros_(norm.bias)
+
+    def defaults_(self, model: nn.Module) -> None:
+        """Every Linear as ``linear_`` (xavier-uniform, zero bias), every LayerNorm /
+        RMSNorm as ``layer_norm_``; families then override the special cases (a later
+        fill replaces an earlier one; each parameter's values depend only on its name)."""
+        for module in model.modules():
+            if isinstance(module, nn.Linear):
+                self.linear_(module)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                self.layer_norm_(module)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import torch
+from torch import nn
 
 
 def resolve_preset(presets: dict[str, dict[str, int]], size: str, config: Any) -> dict[str, int]:
@@ -12,3 +16,9 @@ def resolve_preset(presets: dict[str, dict[str, int]], size: str, config: Any) -
         if getattr(config, key) is not None:
             dims[key] = getattr(config, key)
     return dims
+
+
+def count_params_on_meta(build: Callable[[Any], nn.Module], config: Any) -> int:
+    """Parameters of ``build(config)``, built on the meta device (no memory, any size)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build(config).parameters())
