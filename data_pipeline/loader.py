@@ -225,12 +225,17 @@ def _npy(data: bytes) -> torch.Tensor:
     return torch.from_numpy(np.load(io.BytesIO(data), allow_pickle=False))
 
 
-class WebDatasetSource:
-    """Data source for the trainer over WebDataset shards (see module docstring)."""
+class ShardedSource:
+    """What the shard-backed sources share: the shard indexes, this rank's place in the
+    batch geometry, the step position (global batches done, micro-batch within the step)
+    and the read-ahead thread pool. Subclasses build their plan in ``_setup``, read in
+    ``next_batch`` and extend ``state_dict`` / ``load_state_dict``."""
+
+    thread_name = "data"
 
     def __init__(
         self,
-        cfg: WebDatasetConfig,
+        cfg: Any,
         *,
         seed: int,
         rank: int,
@@ -239,11 +244,47 @@ class WebDatasetSource:
         accum_steps: int,
     ):
         self.cfg = cfg
-        self.rank = rank
-        self.world_size = world_size
-        self.accum_steps = accum_steps
         self.indexes = shard_indexes(cfg.urls)
-        default = micro_batch * accum_steps * world_size
+        self.rank, self.world_size = rank, world_size
+        self.micro_batch, self.accum_steps = micro_batch, accum_steps
+        self.batches_done = self.micro_index = 0
+        self._setup(seed)
+        self._pool = ThreadPoolExecutor(
+            max_workers=cfg.num_workers, thread_name_prefix=self.thread_name
+        )
+
+    def _setup(self, seed: int) -> None:
+        """The subclass's plan and reading state, from ``self.cfg`` and ``self.indexes``;
+        runs before the pool starts, so a config error leaves no threads behind."""
+        raise NotImplementedError
+
+    def _advance(self) -> bool:
+        """Count one consumed micro-batch; True when it completed a global batch."""
+        self.micro_index += 1
+        if self.micro_index < self.accum_steps:
+            return False
+        self.micro_index = 0
+        self.batches_done += 1
+        return True
+
+    def _restore_position(self, states: list[dict[str, Any]]) -> None:
+        self.batches_done, self.micro_index = agreed_position(states), 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches_done": self.batches_done, "micro_index": self.micro_index}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class WebDatasetSource(ShardedSource):
+    """Data source for the trainer over WebDataset shards (see module docstring)."""
+
+    cfg: WebDatasetConfig
+
+    def _setup(self, seed: int) -> None:
+        cfg, world_size, accum_steps = self.cfg, self.world_size, self.accum_steps
+        default = self.micro_batch * accum_steps * world_size
         self.batch_sizes = list(cfg.bucket_batch_sizes or [default] * len(cfg.resolutions))
         for size in self.batch_sizes:
             if size % (world_size * accum_steps):
@@ -253,11 +294,8 @@ class WebDatasetSource:
         self.plan = GlobalPlan(
             self.indexes, list(cfg.resolutions), self.batch_sizes, seed, cfg.shuffle_shards
         )
-        self.batches_done = 0
-        self.micro_index = 0
         self.corrupt: Counter = Counter()  # shard url -> failed samples
         self.last_global_batch = default
-        self._pool = ThreadPoolExecutor(max_workers=cfg.num_workers, thread_name_prefix="data")
         self._local = threading.local()
         self._queue: deque[tuple[int, int, Future]] = deque()  # (batch number, micro index, future)
         self._plan_iter: Iterator | None = None
@@ -384,29 +422,19 @@ class WebDatasetSource:
                 f"{self.cfg.max_corrupt_fraction} of {self.plan.num_samples}; worst shards: {worst}"
             )
         self.last_global_batch = len(batch["index"]) * self.world_size * self.accum_steps
-        self.micro_index += 1
-        if self.micro_index == self.accum_steps:
-            self.micro_index = 0
-            self.batches_done += 1
+        self._advance()
         self._fill()
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "batches_done": self.batches_done,
-            "micro_index": self.micro_index,
-            "corrupt": dict(self.corrupt),
-        }
+        return {**super().state_dict(), "corrupt": dict(self.corrupt)}
 
     def load_state_dict(self, states: list[dict[str, Any]]) -> None:
-        self.batches_done, self.micro_index = agreed_position(states), 0
+        self._restore_position(states)
         self.corrupt = Counter()
         for state in states:
             self.corrupt.update(state.get("corrupt", {}))
         self._plan_iter = None
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- evaluation
     def sample_shape(self) -> tuple[int, ...]:

@@ -74,7 +74,18 @@ _RANDOM_INIT_ONLY = "has no effect unless random_init is true (a loaded encoder 
 
 # ------------------------------------------------------------------------------ configs
 @dataclass(kw_only=True)
-class T5EncoderConfig:
+class FrozenEncoderConfig:
+    """Options every frozen text encoder has: where its weights come from and their dtype."""
+
+    random_init: bool = option(
+        False, "Build the encoder with random weights instead of loading path (tests, demos)."
+    )
+    seed: int = option(0, "Seed of random-init weights, so every rank builds the same encoder.")
+    dtype: Literal["fp32", "bf16"] = option("fp32", "Dtype of the frozen weights and outputs.")
+
+
+@dataclass(kw_only=True)
+class T5EncoderConfig(FrozenEncoderConfig):
     path: str | None = option(
         None,
         "Local directory of a transformers T5 checkpoint (T5EncoderModel.from_pretrained, local files only).",
@@ -84,15 +95,10 @@ class T5EncoderConfig:
         "A sentencepiece .model (data_pipeline.tokenizer; path or fsspec URL) or a local transformers "
         "tokenizer directory; default: the tokenizer saved in path. Required with random_init.",
     )
-    random_init: bool = option(
-        False, "Build the encoder with random weights instead of loading path (tests, demos)."
-    )
     size: Literal["tiny", "xxl"] = option(
         "tiny",
         "Size preset of a random-init encoder (tiny: d_model 32, 2 layers; xxl: T5 v1.1 XXL).",
     )
-    seed: int = option(0, "Seed of random-init weights, so every rank builds the same encoder.")
-    dtype: Literal["fp32", "bf16"] = option("fp32", "Dtype of the frozen weights and outputs.")
     max_length: int = option(
         256, "Tokens per text including </s>; longer texts are cut, shorter ones padded.", ge=2
     )
@@ -117,7 +123,7 @@ class T5EncoderConfig:
 
 
 @dataclass(kw_only=True)
-class ClipTextEncoderConfig:
+class ClipTextEncoderConfig(FrozenEncoderConfig):
     arch: str = option(
         "ViT-L-14",
         "open_clip architecture (open_clip.list_models(), e.g. ViT-L-14, ViT-bigG-14) or a local "
@@ -128,15 +134,10 @@ class ClipTextEncoderConfig:
         "Local checkpoint file of that architecture (.pt/.bin/.safetensors state dict) for "
         "open_clip.create_model(arch, pretrained=path).",
     )
-    random_init: bool = option(
-        False, "Build the encoder with random weights instead of loading path (tests, demos)."
-    )
     size: Literal["tiny", "full"] = option(
         "tiny",
         "Size preset of a random-init encoder (tiny: width 32, 2 layers, 2 heads; full: arch's own).",
     )
-    seed: int = option(0, "Seed of random-init weights, so every rank builds the same encoder.")
-    dtype: Literal["fp32", "bf16"] = option("fp32", "Dtype of the frozen weights and outputs.")
     max_length: int = option(
         77, "Tokens per text including start/end; at most the arch's context length.", ge=2
     )
@@ -170,7 +171,9 @@ class ClipTextEncoderConfig:
         return out
 
 
-def _source_problems(cfg: Any, given: set[str], what: str) -> list[tuple[str, str]]:
+def _source_problems(
+    cfg: T5EncoderConfig | ClipTextEncoderConfig, given: set[str], what: str
+) -> list[tuple[str, str]]:
     """Weights come from exactly one place: ``path``, or random init asked for explicitly."""
     out = []
     if cfg.random_init:

@@ -38,7 +38,7 @@ import logging
 import tarfile
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,9 +47,8 @@ import numpy as np
 import torch
 
 from configlib import option
-from data_pipeline.loader import DataError, shard_indexes
+from data_pipeline.loader import DataError, ShardedSource
 from data_pipeline.shards import ShardIndex, retry
-from data_pipeline.sources import agreed_position
 
 log = logging.getLogger(__name__)
 
@@ -311,27 +310,18 @@ class TokenPlan:
 
 
 # ---------------------------------------------------------------------------- source
-class TokenStreamSource:
+class TokenStreamSource(ShardedSource):
     """Data source over token shards: packed windows of ``seq_len`` (module docstring)."""
 
-    def __init__(
-        self,
-        cfg: TokensConfig,
-        *,
-        seed: int,
-        rank: int,
-        world_size: int,
-        micro_batch: int,
-        accum_steps: int,
-    ):
-        self.cfg = cfg
-        self.rank = rank
-        self.world_size = world_size
-        self.micro_batch = micro_batch
-        self.accum_steps = accum_steps
-        self.global_batch = self.last_global_batch = micro_batch * accum_steps * world_size
+    cfg: TokensConfig
+    thread_name = "tokens"
+
+    def _setup(self, seed: int) -> None:
+        cfg = self.cfg
+        self.global_batch = self.last_global_batch = (
+            self.micro_batch * self.accum_steps * self.world_size
+        )
         self.seq_len = cfg.seq_len
-        self.indexes = shard_indexes(cfg.urls)
         self.checksum = self._shards_checksum()
         self.tokenizer = self._load_tokenizer(cfg.tokenizer) if cfg.tokenizer else None
         self.plan = TokenPlan(
@@ -342,10 +332,7 @@ class TokenStreamSource:
             cfg.shuffle,
         )
         self.sequences_done = 0  # global sequences consumed before the current global batch
-        self.batches_done = 0
-        self.micro_index = 0
         self._filesystems: dict[str, tuple[Any, str]] = {}
-        self._pool = ThreadPoolExecutor(max_workers=cfg.num_workers, thread_name_prefix="tokens")
         self._queue: deque[tuple[int, Future]] = deque()  # (first sequence, future)
 
     # -------------------------------------------------------------------- checks
@@ -449,23 +436,16 @@ class TokenStreamSource:
         first, future = self._queue.popleft()
         assert first == self._micro_start(self.sequences_done, self.micro_index), "order broke"
         batch = future.result()
-        self.micro_index += 1
-        if self.micro_index == self.accum_steps:
-            self.micro_index = 0
-            self.batches_done += 1
+        if self._advance():
             self.sequences_done += self.global_batch
         self._fill()
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "batches_done": self.batches_done,
-            "micro_index": self.micro_index,
-            "sequences_done": self.sequences_done,
-        }
+        return {**super().state_dict(), "sequences_done": self.sequences_done}
 
     def load_state_dict(self, states: list[dict[str, Any]]) -> None:
-        self.batches_done, self.micro_index = agreed_position(states), 0
+        self._restore_position(states)
         positions = {s["sequences_done"] for s in states}
         if len(positions) != 1:
             raise ValueError(f"ranks saved different token positions: {sorted(positions)}")
@@ -473,9 +453,6 @@ class TokenStreamSource:
         for _, future in self._queue:
             future.cancel()
         self._queue.clear()
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------- evaluation
     def eval_batches(self, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -229,14 +229,20 @@ def test_s3_write_then_expand_load_and_parse(s3):
     assert scan_index(expected[0]).samples == load_index(expected[0]).samples
 
 
-def test_s3_failed_upload_raises_and_leaves_no_object(s3, monkeypatch):
+@pytest.fixture
+def sleeps(monkeypatch) -> list[float]:
+    """The delays retry() waits, recorded instead of slept."""
+    delays: list[float] = []
+    monkeypatch.setattr(shards.time, "sleep", delays.append)
+    return delays
+
+
+def test_s3_failed_upload_raises_and_leaves_no_object(s3, sleeps):
     """Uploading to a bucket the server does not have raises, at once and without retries,
     and no shard or index object appears under the final names."""
     import boto3
     from botocore.exceptions import ClientError
 
-    sleeps: list[float] = []
-    monkeypatch.setattr(shards.time, "sleep", sleeps.append)
     client = boto3.client("s3", endpoint_url=s3)
     with pytest.raises(FileNotFoundError, match="bucket"), ShardWriter("s3://missing/shards") as w:
         w.write(*_sample(0))
@@ -247,10 +253,8 @@ def test_s3_failed_upload_raises_and_leaves_no_object(s3, monkeypatch):
             client.head_object(Bucket="missing", Key=key)
 
 
-def test_retry_backs_off_on_transient_errors(monkeypatch):
+def test_retry_backs_off_on_transient_errors(sleeps):
     """A transient OSError is retried with doubling sleeps, then the value is returned."""
-    sleeps: list[float] = []
-    monkeypatch.setattr(shards.time, "sleep", sleeps.append)
     calls = []
 
     def flaky():
@@ -264,10 +268,8 @@ def test_retry_backs_off_on_transient_errors(monkeypatch):
     assert sleeps == [0.5, 1.0]
 
 
-def test_retry_gives_up_after_attempts_and_skips_missing_files(monkeypatch):
+def test_retry_gives_up_after_attempts_and_skips_missing_files(sleeps):
     """Retries stop after ``attempts`` calls; FileNotFoundError is raised on the first call."""
-    sleeps: list[float] = []
-    monkeypatch.setattr(shards.time, "sleep", sleeps.append)
     calls = []
 
     def down():
