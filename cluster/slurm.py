@@ -243,7 +243,7 @@ def build_spec(args: argparse.Namespace) -> JobSpec:
         raise SubmitError("set ranks per node with --procs-per-node, not cluster.num_workers")
     recipe = Path(args.recipe).resolve()
 
-    from trainer.config import load_config
+    from trainer.registry import load_config
 
     overrides = [*args.overrides, f"cluster.num_workers={procs}"]
     cfg = load_config(recipe, overrides)

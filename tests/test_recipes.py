@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import Config, check_world_size, load_config
+from trainer.config import Config, check_world_size
+from trainer.registry import load_config
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 # recipes/precompute/ holds encoder specs for data_pipeline.precompute (validated by its tests)

@@ -1,6 +1,7 @@
 """The recipe schema: one dataclass per section, each field with a one-line doc.
 
-``load_config(path, overrides)`` is the only entry point most code needs. Model,
+``trainer.registry.load_config(path, overrides)`` reads a recipe against this schema
+and the registered families; it is the only entry point most code needs. Model,
 objective and data sections are tagged unions: their ``name`` picks a family whose
 own dataclass (next to the family's code) lists the remaining keys.
 """
@@ -8,6 +9,7 @@ own dataclass (next to the family's code) lists the remaining keys.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -16,15 +18,12 @@ import yaml
 
 from configlib import (
     ConfigError,
-    apply_overrides,
-    from_dict,
     option,
-    recipe_chain,
     to_dict,
 )
 from configlib import _deep_merge as _merge
 
-__all__ = ["Config", "ConfigError", "load_config", "dump_config"]
+__all__ = ["Config", "ConfigError", "dump_config"]
 
 
 @dataclass(kw_only=True)
@@ -190,6 +189,9 @@ class ParallelConfig:
         doc="Extra DeepSpeed config keys passed through (validated; recipe-controlled keys rejected).",
     )
 
+    # backend name -> check of its pass-through mapping, returning (key in it, message);
+    # each backend registers its own (trainer.backends), so the schema imports none of them
+    PASSTHROUGH_CHECKS: ClassVar[dict[str, Callable[[dict[str, Any]], list[tuple[str, str]]]]] = {}
     DEEPSPEED_ONLY: ClassVar[tuple[str, ...]] = (
         "zero_stage",
         "offload_optimizer",
@@ -256,11 +258,14 @@ class ParallelConfig:
                     )
                 )
             if self.deepspeed:
-                from trainer.backends.deepspeed_backend import check_passthrough
-
+                check = self.PASSTHROUGH_CHECKS.get("deepspeed")
+                if check is None:  # a caller validated without trainer.registry loaded
+                    raise RuntimeError(
+                        "parallel.deepspeed: no check registered; import trainer.backends"
+                    )
                 out += [
                     (f"deepspeed.{key}" if key else "deepspeed", message)
-                    for key, message in check_passthrough(self.deepspeed)
+                    for key, message in check(self.deepspeed)
                 ]
         if (
             self.mixed_precision == "fp32"
@@ -484,47 +489,6 @@ class Config:
         return out
 
 
-def _registries() -> None:
-    from trainer import registry  # noqa: F401  (fills the tagged-union registries)
-
-
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a recipe (with its ``base:`` chain), apply overrides and validate strictly."""
-    _registries()
-    chain = [*recipe_chain(path), (None, apply_overrides({}, overrides))]
-    data: dict = {}
-    for _, layer in chain:
-        data = merge_layer(data, layer)
-    # A run's own config.yaml spells out every field, defaults included; none of them was
-    # written on purpose, so relaunching it (to resume), or a recipe whose base: it is,
-    # must not trip the "has no effect" checks. Only the layers above it count as written.
-    resolved = [i for i, (file, _) in enumerate(chain) if file and is_resolved_config(file)]
-    given = [layer for _, layer in chain[resolved[-1] + 1 if resolved else 0 :]]
-    if resolved and chain[resolved[-1]][0] != Path(path) and not _writes(given, "run.output_dir"):
-        # a recipe extending a run's config.yaml is a new run: inheriting the old run's
-        # directory would resume the old checkpoints and overwrite its base file
-        raise ConfigError(
-            [
-                f"run.output_dir: inherited from {chain[resolved[-1]][0]}, a run's resolved "
-                "config; a recipe extending it is a new run: give it its own run.output_dir "
-                "(to continue that run, launch its config.yaml itself, with overrides)"
-            ],
-            str(path),
-        )
-    return from_dict(Config, data, source=str(path), layers=given)
-
-
-def _writes(layers: list[dict], dotted: str) -> bool:
-    """Whether any of ``layers`` sets the key at ``dotted``."""
-    for layer in layers:
-        node: Any = layer
-        for part in dotted.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            return True
-    return False
-
-
 RESOLVED_HEADER = (
     "# Resolved config written by the trainer (every field, defaults included).\n"
     "# `python -m trainer.launch <this file>` reruns the run and resumes from its checkpoints.\n"
@@ -557,14 +521,6 @@ def merge_layer(base: dict, layer: dict) -> dict:
         ):
             base.pop(section)
     return _merge(base, layer)
-
-
-def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
-    """Validate an already-merged mapping (used when a resolved config.yaml is re-read)."""
-    _registries()
-    # A dumped config lists every field; none of them counts as deliberately written,
-    # so only type, range and cross-field checks apply.
-    return from_dict(Config, data, source=source, layers=[{}])
 
 
 def dump_config(cfg: Config) -> str:

@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     try:
-        from trainer.config import load_config
+        from trainer.registry import load_config
 
         cfg = load_config(args.recipe, args.overrides)
     except ConfigError as err:

@@ -363,11 +363,19 @@ class Trainer:
                     guidance=self.cfg.eval.guidance,
                     text_checks=tuple(self.cfg.eval.text_checks),
                     gen_ppl_run=self.cfg.eval.gen_ppl_run,
+                    load_run=self._load_other_run,
                 )
             )
         self.model.train(was_training)
         self.backend.reshard()
         return result
+
+    def _load_other_run(self, run_dir: str) -> tuple[nn.Module, Objective]:
+        """Another run's weights and objective, for evaluations that score with it."""
+        from trainer.sample import load_run
+
+        _, model, objective, _ = load_run(Path(run_dir), None, None, self.device)
+        return model, objective
 
     # --------------------------------------------------------------------------- run
     def run(self) -> int:

@@ -1,18 +1,30 @@
-"""Name -> implementation tables for models, objectives and data sources.
+"""Name -> implementation tables for models, objectives and data sources, and reading
+a recipe against them.
 
 Adding a family means adding one line here; the config's tagged unions and the
-launcher pick it up from these tables.
+launcher pick it up from these tables. ``trainer.config`` is the schema alone and
+imports no family: ``load_config`` lives here, where the families are known.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from configlib import ConfigError, apply_overrides, from_dict, recipe_chain
 from data_pipeline import loader, synthetic, text_tokens
 from models import dlm, flow_mlp, mmdit
-from trainer.config import DataSection, ModelSection, ObjectiveSection
+from trainer import backends  # noqa: F401  (registers each backend's pass-through check)
+from trainer.config import (
+    Config,
+    DataSection,
+    ModelSection,
+    ObjectiveSection,
+    is_resolved_config,
+    merge_layer,
+)
 from trainer.objectives import ar, bd3lm, ddpm, mdlm, rectified_flow, sedd
 
 
@@ -64,3 +76,46 @@ DATA: dict[str, DataEntry] = {
 ModelSection.REGISTRY.update({k: v.config for k, v in MODELS.items()})
 ObjectiveSection.REGISTRY.update({k: v.config for k, v in OBJECTIVES.items()})
 DataSection.REGISTRY.update({k: v.config for k, v in DATA.items()})
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a recipe (with its ``base:`` chain), apply overrides and validate strictly."""
+    chain = [*recipe_chain(path), (None, apply_overrides({}, overrides))]
+    data: dict = {}
+    for _, layer in chain:
+        data = merge_layer(data, layer)
+    # A run's own config.yaml spells out every field, defaults included; none of them was
+    # written on purpose, so relaunching it (to resume), or a recipe whose base: it is,
+    # must not trip the "has no effect" checks. Only the layers above it count as written.
+    resolved = [i for i, (file, _) in enumerate(chain) if file and is_resolved_config(file)]
+    given = [layer for _, layer in chain[resolved[-1] + 1 if resolved else 0 :]]
+    if resolved and chain[resolved[-1]][0] != Path(path) and not _writes(given, "run.output_dir"):
+        # a recipe extending a run's config.yaml is a new run: inheriting the old run's
+        # directory would resume the old checkpoints and overwrite its base file
+        raise ConfigError(
+            [
+                f"run.output_dir: inherited from {chain[resolved[-1]][0]}, a run's resolved "
+                "config; a recipe extending it is a new run: give it its own run.output_dir "
+                "(to continue that run, launch its config.yaml itself, with overrides)"
+            ],
+            str(path),
+        )
+    return from_dict(Config, data, source=str(path), layers=given)
+
+
+def _writes(layers: list[dict], dotted: str) -> bool:
+    """Whether any of ``layers`` sets the key at ``dotted``."""
+    for layer in layers:
+        node: Any = layer
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return True
+    return False
+
+
+def config_from_dict(data: dict[str, Any], source: str = "<dict>") -> Config:
+    """Validate an already-merged mapping (used when a resolved config.yaml is re-read)."""
+    # A dumped config lists every field; none of them counts as deliberately written,
+    # so only type, range and cross-field checks apply.
+    return from_dict(Config, data, source=source, layers=[{}])

@@ -49,9 +49,8 @@ def _image_shape(cfg, height: int | None, width: int | None) -> tuple[int, int, 
 
 def load_run(run_dir: Path, step: int | None, weights: str | None, device: torch.device):
     """The run's config, model with checkpoint weights, objective, and the step loaded."""
-    from trainer.config import config_from_dict
     from trainer.export import ExportError, consolidated_state_dict
-    from trainer.registry import MODELS, OBJECTIVES
+    from trainer.registry import MODELS, OBJECTIVES, config_from_dict
 
     config_path = run_dir / "config.yaml"
     if not config_path.is_file():

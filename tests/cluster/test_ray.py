@@ -23,7 +23,7 @@ from conftest import REPO, launch_env, read_metrics
 
 from cluster.ray_train import in_ray_job, resolve_output_paths
 from configlib import ConfigError
-from trainer.config import load_config
+from trainer.registry import load_config
 
 RECIPE = "recipes/tiny/sd3_like.yaml"  # relative: the job runs in its working-dir copy
 VENV_BIN = Path(sys.executable).parent

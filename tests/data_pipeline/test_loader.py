@@ -18,7 +18,7 @@ from PIL import Image
 from data_pipeline.build import main as build_main
 from data_pipeline.loader import DataError, WebDatasetConfig, WebDatasetSource
 from data_pipeline.shards import ShardWriter
-from trainer.config import load_config
+from trainer.registry import load_config
 
 
 def png(width: int, height: int, value: int = 128) -> bytes:

@@ -179,8 +179,7 @@ def test_export_of_deepspeed_checkpoints(runs, tmp_path):
     of both stages equal FSDP2's to training noise; the file loads into a plain MMDiT."""
     from safetensors.torch import load_file
 
-    from trainer.config import load_config
-    from trainer.registry import MODELS
+    from trainer.registry import MODELS, load_config
 
     out = tmp_path / "ema.safetensors"
     proc = subprocess.run(
@@ -230,7 +229,8 @@ import json, sys, torch
 sys.path[:0] = [{tests!r}, {tests_trainer!r}]
 from test_loop import ToyAdversarial, ToyAdversarialConfig
 from cluster.env import DistEnv
-from trainer.config import ObjectiveSection, load_config
+from trainer.config import ObjectiveSection
+from trainer.registry import load_config
 from trainer.loop import Trainer
 from trainer.registry import OBJECTIVES, ObjectiveEntry
 

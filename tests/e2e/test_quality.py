@@ -8,8 +8,9 @@ import pytest
 from cluster.env import DistEnv
 from data_pipeline.synthetic import GaussianMixture2D, GaussianMixture2DConfig, sliced_wasserstein
 from trainer import distributed as D
-from trainer.config import load_config, replace
+from trainer.config import replace
 from trainer.loop import Trainer
+from trainer.registry import load_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

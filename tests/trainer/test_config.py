@@ -12,15 +12,9 @@ import yaml
 from configlib import apply_overrides, load_yaml_with_bases
 from data_pipeline.synthetic import GaussianMixture2DConfig
 from models.flow_mlp import FlowMLPConfig
-from trainer.config import (
-    Config,
-    ConfigError,
-    check_world_size,
-    config_from_dict,
-    dump_config,
-    load_config,
-)
+from trainer.config import Config, ConfigError, check_world_size, dump_config
 from trainer.objectives.rectified_flow import RectifiedFlowConfig
+from trainer.registry import config_from_dict, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 

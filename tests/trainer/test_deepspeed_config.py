@@ -10,7 +10,8 @@ import subprocess
 import pytest
 from conftest import REPO, launch_cmd, launch_env
 
-from trainer.config import ConfigError, load_config
+from trainer.config import ConfigError
+from trainer.registry import load_config
 
 RECIPE = REPO / "recipes" / "tiny" / "flow2d.yaml"
 DS = "parallel.backend=deepspeed"

@@ -452,7 +452,7 @@ def test_confidence_samplers_of_mdlm_and_sedd_keep_to_the_allowed_sequences(
 
 def test_unknown_sampler_names_and_misplaced_temperature_are_errors(tok_path, vocab):
     from configlib import ConfigError
-    from trainer.config import load_config
+    from trainer.registry import load_config
 
     vocab_size, mask_id = vocab
     oracle = Oracle(vocab_size, mask_id, mode="diffusion", time_conditioning=True)

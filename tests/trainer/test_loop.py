@@ -14,10 +14,10 @@ from torch import nn
 from cluster.env import DistEnv
 from configlib import option
 from trainer import distributed as D
-from trainer.config import ObjectiveSection, config_from_dict, load_config
+from trainer.config import ObjectiveSection
 from trainer.loop import Trainer, TrainingDiverged, lr_lambda
 from trainer.objectives.base import ExtraModule, Objective, Phase
-from trainer.registry import OBJECTIVES, ObjectiveEntry
+from trainer.registry import OBJECTIVES, ObjectiveEntry, config_from_dict, load_config
 
 RECIPE = "recipes/tiny/flow2d.yaml"
 

@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from trainer.backends.base import Backend
 from trainer.config import ParallelConfig
+
+
+def _deepspeed_passthrough(extras: dict[str, Any]) -> list[tuple[str, str]]:
+    from trainer.backends.deepspeed_backend import check_passthrough
+
+    return check_passthrough(extras)
+
+
+# the config check asks each backend about its own pass-through keys
+ParallelConfig.PASSTHROUGH_CHECKS["deepspeed"] = _deepspeed_passthrough
 
 
 def make_backend(

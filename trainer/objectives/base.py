@@ -9,6 +9,7 @@ frozen companion modules (text encoders, teachers, a DPO reference, a REPA targe
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,9 @@ class EvalContext:
     guidance: float = 1.0
     text_checks: tuple[str, ...] = ()  # language models: checks of decoded samples
     gen_ppl_run: str | None = None  # language models: AR run that scores samples
+    # another run's (model, objective) on this device, from its run dir; the loop passes
+    # trainer.sample's loader (an objective never imports the layer that runs it)
+    load_run: Callable[[str], tuple[nn.Module, Objective]] | None = None
 
 
 class Objective(ABC):
