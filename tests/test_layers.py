@@ -90,3 +90,57 @@ def test_an_upward_import_is_reported() -> None:
 
 def test_configlib_imports_nothing_of_ours() -> None:
     assert graph()["configlib"] == set()
+
+
+def import_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    out: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(edges.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return sorted(out)
+
+
+def without_packages(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    """Drop the edges into a package's ``__init__`` that merely stand for ``from pkg import mod``:
+    ``from trainer.objectives import ar`` names both ``trainer.objectives`` and ``.ar``."""
+    return {
+        src: {d for d in dsts if not any(o.startswith(d + ".") for o in dsts)}
+        for src, dsts in edges.items()
+    }
+
+
+def test_no_import_cycles() -> None:
+    # a cycle, lazy imports included, means two modules can only be understood together
+    assert import_cycles(without_packages(graph())) == []
+
+
+def test_an_import_cycle_is_reported() -> None:
+    edges = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e2"}, "e2": set()}
+    assert import_cycles(edges) == [["a", "b", "c"]]

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from configlib import option
+from trainer.objectives.absorbing import block_causal_mask, block_diffusion_mask  # noqa: F401  (re-exported)
 from trainer.objectives.discrete import (
     MaskedDiffusionConfig,
     MaskedDiffusionObjective,
@@ -34,36 +35,6 @@ from trainer.objectives.discrete import (
     time_conditioning,
 )
 from trainer.samplers.discrete import semi_autoregressive
-
-
-def block_diffusion_mask(
-    length: int, block_size: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """(2L, 2L) bool, True = may attend, for the training pass over x_t ++ x_0.
-
-    Query / key i < L is noisy token i, i >= L clean token i - L; block = token // block_size.
-    Allowed: same block and same half (block-diagonal), noisy query to clean keys of
-    earlier blocks (offset block-causal), clean query to clean keys of blocks up to its
-    own (block-causal).
-    """
-    index = torch.arange(2 * length, device=device)
-    clean = index >= length
-    block = torch.where(clean, index - length, index) // block_size
-    block_q, block_k = block[:, None], block[None, :]
-    clean_q, clean_k = clean[:, None], clean[None, :]
-    diagonal = (block_q == block_k) & (clean_q == clean_k)
-    offset_causal = (block_q > block_k) & clean_k & ~clean_q
-    causal = (block_q >= block_k) & clean_k & clean_q
-    return diagonal | offset_causal | causal
-
-
-def block_causal_mask(
-    length: int, block_size: int, device: torch.device | str | None = None
-) -> torch.Tensor:
-    """(L, L) bool: token i may attend to token j when block(j) <= block(i); block size 1
-    is the causal mask. The sampler's no-cache reference uses it over prefix ++ block."""
-    block = torch.arange(length, device=device) // block_size
-    return block[:, None] >= block[None, :]
 
 
 @dataclass(kw_only=True)

@@ -31,8 +31,7 @@ sequence (blocks: 1 for MDLM / SEDD, L / block_size for BD3-LM).
 
 from __future__ import annotations
 
-import math
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args, get_type_hints
@@ -43,81 +42,19 @@ from torch.nn import functional as F
 
 from configlib import option
 from data_pipeline.tokenizer import Tokenizer
+from trainer.objectives.absorbing import (  # noqa: F401  (LogLinearSchedule, GeometricSchedule: re-exported)
+    GeometricSchedule,
+    LogLinearSchedule,
+    NoiseSchedule,
+    as_times,
+    real_logits,
+)
 from trainer.objectives.base import EvalContext, Objective, sample_seed
+from trainer.samplers.discrete import masked_confidence
 
 MASK_PIECE = "[MASK]"
 _GOLDEN_64 = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: the Weyl step with the best spread
 _STEP_KEY = 2**62  # sample_seed index of the per-step time offset; no sequence index is this big
-
-
-# ------------------------------------------------------------------------- schedules
-
-
-class NoiseSchedule(ABC):
-    """sigma_bar(t) and its rate; alpha, mask probability and the NELBO weight follow.
-
-    Methods take and return float64 tensors (probabilities near 0 and 1 need the range).
-    """
-
-    @abstractmethod
-    def total(self, t: torch.Tensor) -> torch.Tensor:
-        """Total noise sigma_bar(t)."""
-
-    @abstractmethod
-    def rate(self, t: torch.Tensor) -> torch.Tensor:
-        """Its time derivative d sigma_bar / dt."""
-
-    def alpha(self, t: torch.Tensor) -> torch.Tensor:
-        """Probability that a token is still clean at time t."""
-        return torch.exp(-self.total(t))
-
-    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
-        return -torch.expm1(-self.total(t))
-
-    def weight(self, t: torch.Tensor) -> torch.Tensor:
-        """w(t) = -alpha'_t / (1 - alpha_t) = dsigma / expm1(sigma_bar)."""
-        return self.rate(t) / torch.expm1(self.total(t))
-
-
-@dataclass(frozen=True)
-class LogLinearSchedule(NoiseSchedule):
-    """alpha_t = 1 - (1 - eps) t (MDLM, SEDD, BD3-LM): mask probability linear in t;
-    eps keeps sigma_bar(1) = -log eps finite for the network's input."""
-
-    eps: float = 1e-3
-
-    def total(self, t: torch.Tensor) -> torch.Tensor:
-        return -torch.log1p(-(1 - self.eps) * t)
-
-    def rate(self, t: torch.Tensor) -> torch.Tensor:
-        return (1 - self.eps) / (1 - (1 - self.eps) * t)
-
-    def alpha(self, t: torch.Tensor) -> torch.Tensor:
-        return 1 - (1 - self.eps) * t
-
-    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
-        return (1 - self.eps) * t
-
-    def weight(self, t: torch.Tensor) -> torch.Tensor:
-        return 1 / t  # (1 - eps) / (1 - (1 - eps) t) / ((1 - eps) t / (1 - (1 - eps) t))
-
-
-@dataclass(frozen=True)
-class GeometricSchedule(NoiseSchedule):
-    """sigma_bar(t) = sigma_min^(1 - t) sigma_max^t (SEDD's geometric noise)."""
-
-    sigma_min: float = 1e-4
-    sigma_max: float = 20.0
-
-    def total(self, t: torch.Tensor) -> torch.Tensor:
-        return torch.exp((1 - t) * math.log(self.sigma_min) + t * math.log(self.sigma_max))
-
-    def rate(self, t: torch.Tensor) -> torch.Tensor:
-        return self.total(t) * math.log(self.sigma_max / self.sigma_min)
-
-
-def as_times(t: float | torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(t, dtype=torch.float64)
 
 
 # ------------------------------------------------------------------------ time draws
@@ -143,14 +80,6 @@ def per_token(values_BN: torch.Tensor, length: int, block_size: int) -> torch.Te
 
 
 # ------------------------------------------------------------- parameterisations
-
-
-def real_logits(logits_BLV: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """float32 logits with the [MASK] entry at -inf: clean data never holds [MASK]."""
-    logits = logits_BLV.float()
-    is_mask = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-    is_mask[mask_id] = True
-    return logits.masked_fill(is_mask, float("-inf"))
 
 
 def subs_log_probs(logits_BLV: torch.Tensor, x_t_BL: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -325,9 +254,6 @@ class MaskedDiffusionObjective(TokenObjective):
         t_end: float,
     ) -> torch.Tensor:
         """``start_BL`` unmasked by the confidence sampler ``name`` (CONFIDENCE_SAMPLERS)."""
-        # trainer.samplers.discrete imports this module: a top-level import would cycle
-        from trainer.samplers.discrete import masked_confidence
-
         return masked_confidence(
             probs_fn,
             start_BL,

@@ -22,11 +22,13 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from trainer.objectives.base import EvalContext
 
@@ -94,12 +96,18 @@ def gather_texts(texts: list[str]) -> list[str]:
     return out
 
 
-def generative_ppl(run_dir: str, tokens_NL: torch.Tensor, device: torch.device) -> float:
-    """Perplexity of token sequences under the AR model trained in ``run_dir``."""
+def generative_ppl(
+    run_dir: str,
+    tokens_NL: torch.Tensor,
+    device: torch.device,
+    load_run: Callable[[str], tuple[nn.Module, Any]] | None,
+) -> float:
+    """Perplexity of token sequences under the AR model trained in ``run_dir``, loaded
+    with ``load_run`` (the loop's ``EvalContext.load_run``)."""
     if run_dir not in _SCORERS:
-        from trainer.sample import load_run
-
-        _, scorer_model, scorer_objective, _ = load_run(Path(run_dir), None, None, device)
+        if load_run is None:
+            raise ValueError("eval.gen_ppl_run needs a way to load that run (EvalContext.load_run)")
+        scorer_model, scorer_objective = load_run(run_dir)
         if not getattr(scorer_objective, "exact_likelihood", False):
             raise ValueError(
                 f"eval.gen_ppl_run {run_dir} is a {type(scorer_objective).__name__} run; "
@@ -163,7 +171,9 @@ def evaluate_lm(objective, ctx: EvalContext) -> dict[str, float]:
     if ctx.gen_ppl_run:
         all_tokens = _gather_tokens(tokens_NL)
         if ctx.rank == 0:
-            logs["eval/gen_ppl"] = generative_ppl(ctx.gen_ppl_run, all_tokens, ctx.device)
+            logs["eval/gen_ppl"] = generative_ppl(
+                ctx.gen_ppl_run, all_tokens, ctx.device, ctx.load_run
+            )
     return logs
 
 

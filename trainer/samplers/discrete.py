@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from trainer.objectives.discrete import NoiseSchedule, as_times, real_logits
+from trainer.objectives.absorbing import NoiseSchedule, as_times, block_causal_mask, real_logits
 
 # (x_t (B, L), t) -> p_theta(x_0 | x_t) over all V ids (B, L, V), no mass on [MASK]
 ProbsFn = Callable[[torch.Tensor, float], torch.Tensor]
@@ -322,9 +322,6 @@ def semi_autoregressive(
     the block-causal mask, the reference the cache must reproduce. A last block shorter
     than ``block_size`` takes the remaining length.
     """
-    # bd3lm imports this module for its generate(); importing it here avoids the cycle
-    from trainer.objectives.bd3lm import block_causal_mask
-
     x_BL = torch.empty(num, 0, dtype=torch.long, device=device)
     cache = model.new_kv_cache() if kv_cache else None
     for start in range(0, length, block_size):
