@@ -221,6 +221,21 @@ class TokenObjective(Objective):
 CONFIDENCE_SAMPLERS = {"confidence": 0.0, "pc": 0.25}
 
 
+@dataclass(frozen=True)
+class ReverseRun:
+    """What a family's reverse sampler gets from ``generate``: the network as
+    ``logits_fn(x_t, t)`` (fed sigma_bar(t) as in training), the all-[MASK] start, and
+    the resolved options."""
+
+    sampler: str
+    logits_fn: Callable[[torch.Tensor, float], torch.Tensor]
+    start_BL: torch.Tensor
+    steps: int
+    generator: torch.Generator
+    top_p: float
+    reuse_unchanged: bool
+
+
 class MaskedDiffusionObjective(TokenObjective):
     """Masking, time draws and the NELBO estimator; subclasses give ``nelbo_terms``."""
 
@@ -241,31 +256,59 @@ class MaskedDiffusionObjective(TokenObjective):
             )
         return name
 
-    def confidence_sample(
+    @torch.no_grad()
+    def generate(
         self,
-        name: str,
-        probs_fn: Callable[[torch.Tensor, float], torch.Tensor],
-        start_BL: torch.Tensor,
+        model: nn.Module,
+        num: int,
+        length: int,
         *,
         steps: int,
         generator: torch.Generator,
-        top_p: float | None,
-        temperature: float,
-        t_end: float,
+        sampler: str | None = None,
+        top_p: float | None = None,
+        temperature: float = 1.0,
+        cache: bool = True,
     ) -> torch.Tensor:
-        """``start_BL`` unmasked by the confidence sampler ``name`` (CONFIDENCE_SAMPLERS)."""
-        return masked_confidence(
-            probs_fn,
-            start_BL,
-            self.schedule,
-            steps=steps,
-            mask_id=self.mask_id,
-            generator=generator,
-            top_p=self.cfg.top_p if top_p is None else top_p,
-            temperature=temperature,
-            remask=CONFIDENCE_SAMPLERS[name],
-            t_end=t_end,
+        """``num`` sequences of ``length`` tokens from all-[MASK] by ``steps`` steps of
+        ``sampler`` (default: the recipe's): the family's reverse process
+        (``reverse_sample``) or a confidence sampler on the real-token softmax
+        (``temperature``: its candidates). ``cache``: a reverse step may reuse the
+        network's output after a step that changed nothing (no time conditioning only)."""
+        sampler = self.sampler_name(sampler, temperature)
+        self.check_model(model)
+
+        def logits_fn(x_BL: torch.Tensor, t: float) -> torch.Tensor:
+            sigma = float(self.schedule.total(torch.tensor(t, dtype=torch.float64)))
+            return model(x_BL, torch.full((num,), sigma, device=self.device))
+
+        start = torch.full((num, length), self.mask_id, dtype=torch.long, device=self.device)
+        top_p = self.cfg.top_p if top_p is None else top_p
+        if sampler in CONFIDENCE_SAMPLERS:
+            return masked_confidence(
+                lambda x_BL, t: real_logits(logits_fn(x_BL, t), self.mask_id).softmax(-1),
+                start,
+                self.schedule,
+                steps=steps,
+                mask_id=self.mask_id,
+                generator=generator,
+                top_p=top_p,
+                temperature=temperature,
+                remask=CONFIDENCE_SAMPLERS[sampler],
+                t_end=self.sample_t_end(),
+            )
+        reuse = cache and time_conditioning(model) is False
+        return self.reverse_sample(
+            ReverseRun(sampler, logits_fn, start, steps, generator, top_p, reuse_unchanged=reuse)
         )
+
+    def sample_t_end(self) -> float:
+        """Where the confidence samplers stop (0: the clean data)."""
+        return 0.0
+
+    def reverse_sample(self, run: ReverseRun) -> torch.Tensor:
+        """The family's own reverse process ``run.sampler`` from ``run.start_BL``."""
+        raise NotImplementedError(f"{type(self).__name__} has no reverse sampler {run.sampler!r}")
 
     # ------------------------------------------------------------------ time draws
     def num_blocks(self, length: int) -> int:

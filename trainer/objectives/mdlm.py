@@ -28,10 +28,10 @@ from configlib import option
 from trainer.objectives.discrete import (
     MaskedDiffusionConfig,
     MaskedDiffusionObjective,
+    ReverseRun,
     masked_cross_entropy,
     per_token,
     real_logits,
-    time_conditioning,
 )
 from trainer.samplers.discrete import masked_ancestral
 
@@ -56,50 +56,15 @@ class MDLM(MaskedDiffusionObjective):
         ce = masked_cross_entropy(model(x_t, sigma_B), x0_BL, self.mask_id)
         return self.masked_weight(t_BL, masked) * ce, masked
 
-    @torch.no_grad()
-    def generate(
-        self,
-        model: nn.Module,
-        num: int,
-        length: int,
-        *,
-        steps: int,
-        generator: torch.Generator,
-        sampler: str | None = None,
-        top_p: float | None = None,
-        temperature: float = 1.0,
-        cache: bool = True,
-    ) -> torch.Tensor:
-        """``num`` sequences of ``length`` tokens by ``steps`` steps of ``sampler`` (default:
-        the recipe's). ``cache``: ancestral steps reuse the network's output after a step
-        that changed nothing; ``temperature``: the confidence samplers' candidates."""
-        sampler = self.sampler_name(sampler, temperature)
-        self.check_model(model)
-
-        def probs_fn(x_BL: torch.Tensor, t: float) -> torch.Tensor:
-            sigma = float(self.schedule.total(torch.tensor(t, dtype=torch.float64)))
-            logits = model(x_BL, torch.full((num,), sigma, device=self.device))
-            return real_logits(logits, self.mask_id).softmax(-1)
-
-        start = torch.full((num, length), self.mask_id, dtype=torch.long, device=self.device)
-        if sampler != "ancestral":
-            return self.confidence_sample(
-                sampler,
-                probs_fn,
-                start,
-                steps=steps,
-                generator=generator,
-                top_p=top_p,
-                temperature=temperature,
-                t_end=0.0,
-            )
+    def reverse_sample(self, run: ReverseRun) -> torch.Tensor:
+        """MDLM's ancestral sampler (the only non-confidence choice)."""
         return masked_ancestral(
-            probs_fn,
-            start,
+            lambda x_BL, t: real_logits(run.logits_fn(x_BL, t), self.mask_id).softmax(-1),
+            run.start_BL,
             self.schedule,
-            steps=steps,
+            steps=run.steps,
             mask_id=self.mask_id,
-            generator=generator,
-            top_p=self.cfg.top_p if top_p is None else top_p,
-            reuse_unchanged=cache and time_conditioning(model) is False,
+            generator=run.generator,
+            top_p=run.top_p,
+            reuse_unchanged=run.reuse_unchanged,
         )

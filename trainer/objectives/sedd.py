@@ -38,6 +38,7 @@ from configlib import option
 from trainer.objectives.discrete import (
     MaskedDiffusionConfig,
     MaskedDiffusionObjective,
+    ReverseRun,
     per_token,
     real_logits,
     time_conditioning,
@@ -105,50 +106,20 @@ class SEDD(MaskedDiffusionObjective):
         )
         return terms, masked
 
-    @torch.no_grad()
-    def generate(
-        self,
-        model: nn.Module,
-        num: int,
-        length: int,
-        *,
-        steps: int,
-        generator: torch.Generator,
-        sampler: str | None = None,
-        top_p: float | None = None,
-        temperature: float = 1.0,
-    ) -> torch.Tensor:
-        """``num`` sequences of ``length`` tokens by ``steps`` steps of ``sampler`` (default:
-        the recipe's): ``analytic`` or ``euler`` reverse steps and a final denoising step,
-        or a confidence sampler on softmax(l) (``temperature``: its candidates)."""
-        sampler = self.sampler_name(sampler, temperature)
-        self.check_model(model)
+    def sample_t_end(self) -> float:
+        return self.cfg.time_min or 1e-5
 
-        def logits_fn(x_BL: torch.Tensor, t: float) -> torch.Tensor:
-            sigma = float(self.schedule.total(torch.tensor(t, dtype=torch.float64)))
-            return model(x_BL, torch.full((num,), sigma, device=self.device))
-
-        start = torch.full((num, length), self.mask_id, dtype=torch.long, device=self.device)
-        t_end = self.cfg.time_min or 1e-5
-        if sampler in ("analytic", "euler"):
-            return score_sampler(
-                logits_fn,
-                start,
-                self.schedule,
-                steps=steps,
-                mask_id=self.mask_id,
-                generator=generator,
-                method=sampler,
-                top_p=self.cfg.top_p if top_p is None else top_p,
-                t_end=t_end,
-            )
-        return self.confidence_sample(
-            sampler,
-            lambda x_BL, t: real_logits(logits_fn(x_BL, t), self.mask_id).softmax(-1),
-            start,
-            steps=steps,
-            generator=generator,
-            top_p=top_p,
-            temperature=temperature,
-            t_end=t_end,
+    def reverse_sample(self, run: ReverseRun) -> torch.Tensor:
+        """Tweedie (``analytic``) or ``euler`` tau-leaping reverse steps and a final
+        denoising step (``reuse_unchanged`` does not apply: SEDD is time-conditioned)."""
+        return score_sampler(
+            run.logits_fn,
+            run.start_BL,
+            self.schedule,
+            steps=run.steps,
+            mask_id=self.mask_id,
+            generator=run.generator,
+            method=run.sampler,
+            top_p=run.top_p,
+            t_end=self.sample_t_end(),
         )
