@@ -22,18 +22,22 @@ position-table cropping (``pos_embed_max_size`` None).
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
+from models.common.diffusers_io import (  # noqa: F401  (file names: re-exported)
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    listing,
+    model_directory,
+    read_config,
+    read_weights,
+)
 from models.common.embeddings import sincos_2d_grid
 from models.mmdit import PRESETS, MMDiTConfig
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-WEIGHTS_INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
 POS_TABLE_KEY = "pos_embed.pos_embed"
 
 # SD3Transformer2DModel.__init__ defaults (diffusers 0.42), for keys a config.json omits.
@@ -137,13 +141,11 @@ def from_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
             unknown.append(key)
     if unknown:
         raise ValueError(
-            f"diffusers SD3 state dict has keys with no MMDiT counterpart: {_listing(unknown)}"
+            f"diffusers SD3 state dict has keys with no MMDiT counterpart: {listing(unknown)}"
         )
     incomplete = [key for key, parts in pending.items() if any(p is None for p in parts)]
     if incomplete:
-        raise ValueError(
-            f"diffusers SD3 state dict lacks some of q/k/v for: {_listing(incomplete)}"
-        )
+        raise ValueError(f"diffusers SD3 state dict lacks some of q/k/v for: {listing(incomplete)}")
     for key, parts in pending.items():
         out[key] = torch.cat(parts, dim=0)
     return out
@@ -181,7 +183,7 @@ def to_diffusers_state_dict(
             unknown.append(key)
     if unknown:
         raise ValueError(
-            f"MMDiT state dict has keys with no diffusers counterpart: {_listing(unknown)}"
+            f"MMDiT state dict has keys with no diffusers counterpart: {listing(unknown)}"
         )
     if cfg is not None:
         width = cfg.dims()["num_heads"] * cfg.dims()["head_dim"]
@@ -291,68 +293,12 @@ def load_diffusers_checkpoint(path: str | Path) -> tuple[MMDiTConfig, dict[str, 
     ``transformer/`` subfolder, or one ``.safetensors`` file with ``config.json`` beside it.
     Tensors keep their stored dtype. The stored position table is checked against ours.
     """
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"diffusers checkpoint not found: {path}")
-    if (
-        path.is_dir()
-        and not (path / CONFIG_NAME).exists()
-        and (path / "transformer" / CONFIG_NAME).exists()
-    ):
-        path = path / "transformer"
-    directory = path if path.is_dir() else path.parent
-    config_path = directory / CONFIG_NAME
-    if not config_path.exists():
-        raise FileNotFoundError(
-            f"no {CONFIG_NAME} in {directory} (diffusers checkpoint directory expected)"
-        )
-    cfg = config_from_diffusers(json.loads(config_path.read_text()))
-    files = _weight_files(path)
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        state.update(load_file(str(file)))
+    path = model_directory(path, "transformer")
+    cfg = config_from_diffusers(read_config(path))
+    state, files = read_weights(path)
     if POS_TABLE_KEY in state:
         _check_pos_table(state[POS_TABLE_KEY], cfg, files[0])
     return cfg, from_diffusers_state_dict(state)
-
-
-def _weight_files(path: Path) -> list[Path]:
-    if path.is_file():
-        if path.name.endswith(".index.json"):
-            return _index_files(path)
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{path}: only .safetensors weights are supported")
-        return [path]
-    index = path / WEIGHTS_INDEX_NAME
-    if index.exists():
-        return _index_files(index)
-    if (path / WEIGHTS_NAME).exists():
-        return [path / WEIGHTS_NAME]
-    candidates = sorted(p for p in path.glob("diffusion_pytorch_model*.safetensors"))
-    indexes = sorted(path.glob("diffusion_pytorch_model*.safetensors.index.json"))
-    if len(indexes) == 1:
-        return _index_files(indexes[0])
-    if len(candidates) == 1 and not indexes:
-        return candidates
-    if candidates or indexes:
-        names = [p.name for p in candidates + indexes]
-        raise ValueError(f"{path}: several weight files {names}; pass the one to load")
-    raise FileNotFoundError(
-        f"{path}: no diffusion_pytorch_model*.safetensors (only safetensors checkpoints are supported)"
-    )
-
-
-def _index_files(index: Path) -> list[Path]:
-    weight_map = json.loads(index.read_text()).get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map:
-        raise ValueError(f"{index}: no 'weight_map' in the safetensors index")
-    files = [index.parent / name for name in sorted(set(weight_map.values()))]
-    missing = [f.name for f in files if not f.exists()]
-    if missing:
-        raise FileNotFoundError(f"{index}: shards listed but missing: {missing}")
-    return files
 
 
 def _check_pos_table(stored: torch.Tensor, cfg: MMDiTConfig, where: Path) -> None:
@@ -363,8 +309,3 @@ def _check_pos_table(stored: torch.Tensor, cfg: MMDiTConfig, where: Path) -> Non
             f"{where}: stored position table {tuple(stored.shape)} does not match the one computed "
             f"from config.json {tuple(ours.shape)} (different layout or interpolation scale)"
         )
-
-
-def _listing(keys: list[str], limit: int = 8) -> str:
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
