@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
+
+from models.common.patches import unpatchify_nd
 
 
 def timestep_embedding(
@@ -83,11 +86,8 @@ class PatchEmbed(nn.Module):
 def unpatchify(
     tokens_BND: torch.Tensor, patch_size: int, channels: int, rows: int, cols: int
 ) -> torch.Tensor:
-    """(B, rows*cols, p*p*C) -> (B, C, rows*p, cols*p)."""
-    b = tokens_BND.shape[0]
-    x = tokens_BND.reshape(b, rows, cols, patch_size, patch_size, channels)
-    x = torch.einsum("nhwpqc->nchpwq", x)
-    return x.reshape(b, channels, rows * patch_size, cols * patch_size)
+    """(B, rows*cols, p*p*C) -> (B, C, rows*p, cols*p) (:func:`unpatchify_nd` in 2-D)."""
+    return unpatchify_nd(tokens_BND, (patch_size, patch_size), channels, (rows, cols))
 
 
 class TimestepMLP(nn.Module):
@@ -105,6 +105,13 @@ class TimestepMLP(nn.Module):
         )
 
 
+def rope_angles(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Rotation angles (..., dim // 2) of positions (...), frequencies base^(-i / (dim/2))."""
+    half = dim // 2
+    inv_freq = base ** (-torch.arange(half, dtype=torch.float32, device=positions.device) / half)
+    return positions.float()[..., None] * inv_freq
+
+
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, base: float = 10000.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,12 +119,43 @@ def rope_cos_sin(
     (1 or B, L, 1, head_dim // 2) in fp32, to rotate (B, L, H, head_dim) queries / keys
     with :func:`apply_rope`. Computed per call from the positions (no table), so any
     position, repeated or out of order, is allowed."""
-    half = head_dim // 2
-    inv_freq = base ** (-torch.arange(half, dtype=torch.float32, device=positions.device) / half)
-    angles = positions.float()[..., None] * inv_freq  # (L, half) or (B, L, half)
+    angles = rope_angles(positions, head_dim, base)  # (L, half) or (B, L, half)
     if angles.dim() == 2:
         angles = angles[None]
     return angles.cos()[:, :, None], angles.sin()[:, :, None]
+
+
+def grid_positions(shape: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+    """(N, A) integer coordinates of every cell of an A-axis grid, row-major (last axis
+    fastest: the token order of :func:`models.common.patches.patchify`)."""
+    axes = [torch.arange(n, device=device) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
+
+
+def rope_cos_sin_nd(
+    positions_NA: torch.Tensor,
+    head_dim: int,
+    axes_dims: Sequence[int],
+    base: float = 10000.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Axial rotary tables for tokens at A-axis coordinates (N, A) (1-D text or audio,
+    2-D images, 3-D video: e.g. :func:`grid_positions`) -> cos, sin (1, N, 1, head_dim // 2)
+    for :func:`apply_rope`. Axis a rotates ``axes_dims[a]`` channels of each head (even,
+    summing to head_dim) with its own coordinate, so the attention score of two tokens
+    depends only on their offset along each axis. One axis is :func:`rope_cos_sin`."""
+    if positions_NA.dim() != 2 or positions_NA.shape[1] != len(axes_dims):
+        raise ValueError(
+            f"positions must be (N, {len(axes_dims)}) for axes_dims {list(axes_dims)}, "
+            f"got {tuple(positions_NA.shape)}"
+        )
+    if sum(axes_dims) != head_dim or any(d <= 0 or d % 2 for d in axes_dims):
+        raise ValueError(
+            f"axes_dims {list(axes_dims)} must be positive even widths summing to head_dim {head_dim}"
+        )
+    angles = torch.cat(
+        [rope_angles(positions_NA[:, a], d, base) for a, d in enumerate(axes_dims)], dim=-1
+    )
+    return angles.cos()[None, :, None], angles.sin()[None, :, None]
 
 
 def apply_rope(x_BLHK: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
