@@ -446,6 +446,14 @@ class WebDatasetSource(ShardedSource):
         fields = parse_sample(self._read_bytes(shard, entry.offset, entry.size))
         return tuple(_npy(fields["latent.npy"]).shape)
 
+    def eval_images(self, count: int) -> torch.Tensor:
+        """The first ``count`` images of the dataset (B, 3, H, W) in [-1, 1], at the first
+        resolution: a fixed set, the same at every evaluation and on every rank."""
+        if self.cfg.kind != "images":
+            raise ValueError("eval_images needs data.kind 'images' (these shards hold latents)")
+        count = min(count, self.plan.num_samples)
+        return self._load_micro_batch(0, 0, np.arange(count))["x"]
+
     def eval_prompts(self, count: int) -> list[str]:
         """``count`` prompts for evaluation samples: the dataset's distinct captions among
         its first samples (sorted, cycled), read once and cached."""

@@ -271,11 +271,22 @@ class KLVAE(Autoencoder):
         return self.decoder(latents_BCHW)
 
     def forward(
-        self, images_BCHW: torch.Tensor, generator: torch.Generator | None = None
+        self,
+        images_BCHW: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction of the posterior sample mean + std * noise, mean, logvar).
+        ``noise`` (B, C, H/f, W/f) is drawn from ``generator`` when not given; zeros
+        decode the mean. Training goes through here (FSDP2 shards the root's own layers
+        around forward, not around the other methods)."""
         mean, logvar = self.encode_moments(images_BCHW)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return self.decode_raw(mean + torch.exp(0.5 * logvar) * noise), mean, logvar
+        if noise is None:
+            noise = torch.randn(
+                mean.shape, generator=generator, device=mean.device, dtype=mean.dtype
+            )
+        recon = self.decode_raw(mean + torch.exp(0.5 * logvar) * noise.to(mean))
+        return recon, mean.clone(), logvar  # clone: no view of the moments leaves forward
 
     def init_weights(self, seed: int) -> None:
         """PyTorch's default conv/linear init (uniform within 1/sqrt(fan_in)), unit norms;

@@ -15,7 +15,7 @@ from typing import Any
 
 from configlib import ConfigError, apply_overrides, from_dict, recipe_chain
 from data_pipeline import loader, synthetic, text_tokens
-from models import dlm, flow_mlp, mmdit
+from models import dlm, flow_mlp, kl_vae, mmdit
 from trainer import backends  # noqa: F401  (registers each backend's pass-through check)
 from trainer.config import (
     Config,
@@ -25,7 +25,7 @@ from trainer.config import (
     is_resolved_config,
     merge_layer,
 )
-from trainer.objectives import ar, bd3lm, ddpm, mdlm, rectified_flow, sedd
+from trainer.objectives import ar, autoencoding, bd3lm, ddpm, mdlm, rectified_flow, sedd
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ MODELS: dict[str, ModelFamily] = {
     "flow_mlp": ModelFamily(flow_mlp.FlowMLPConfig, flow_mlp.build, flow_mlp.parallelize),
     "mmdit": ModelFamily(mmdit.MMDiTConfig, mmdit.build, mmdit.parallelize),
     "dlm": ModelFamily(dlm.DLMConfig, dlm.build, dlm.parallelize),
+    # autoencoders trained as the model (objective: autoencoding)
+    "kl_vae": ModelFamily(kl_vae.KLVAEConfig, kl_vae.build, kl_vae.parallelize),
 }
 OBJECTIVES: dict[str, ObjectiveEntry] = {
     "rectified_flow": ObjectiveEntry(
@@ -64,6 +66,8 @@ OBJECTIVES: dict[str, ObjectiveEntry] = {
     "sedd": ObjectiveEntry(sedd.SEDDConfig, sedd.SEDD),
     "bd3lm": ObjectiveEntry(bd3lm.BD3LMConfig, bd3lm.BD3LM),
     "ar": ObjectiveEntry(ar.ARConfig, ar.AR),
+    # autoencoder pretraining (trainer/objectives/autoencoding.py)
+    "autoencoding": ObjectiveEntry(autoencoding.AutoencodingConfig, autoencoding.Autoencoding),
 }
 DATA: dict[str, DataEntry] = {
     "gaussian_mixture2d": DataEntry(

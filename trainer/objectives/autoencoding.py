@@ -1,0 +1,244 @@
+"""Autoencoder pretraining (the VAE stage before latent diffusion): reconstruction, KL,
+an optional perceptual loss and an optional patch-GAN, as in the LDM / SD autoencoders.
+
+Generator phase (the autoencoder, ``model``)::
+
+    loss = rec + perceptual_weight * perc + kl_weight * KL / P + g_weight * gan_weight * G
+
+with rec the per-pixel L1 or L2 mean, P the pixel elements per image (so ``kl_weight``
+means what it does in LDM, whose reconstruction term is a per-image sum: 1e-6 there),
+KL summed over latent elements and averaged over the batch, and G the generator's
+adversarial loss on the reconstruction (hinge: -D(x_hat); non-saturating:
+softplus(-D(x_hat))). ``g_weight`` is 1, or with ``adaptive_weight`` taming's balance
+||grad rec|| / ||grad G|| (clamped to [0, 1e4]); the gradients are taken at the decoder's
+output rather than its last weight, so the figure is the same under any sharding (the
+norms are those of the global loss's gradient over all ranks' micro-batches).
+
+Discriminator phase (``discriminator``, its own AdamW): hinge or non-saturating loss on
+real images against the (detached) reconstructions. Before ``gan_start_step`` both
+adversarial terms are 0 (the discriminator's optimizer has no weight decay, so a zero
+gradient leaves it exactly as initialised).
+
+Posterior noise is drawn per sample from ``sample_seed(seed, step, index)``, so training
+is the same function of the data on any number of ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from configlib import ConfigError, option
+from models.kl_vae import kl_divergence
+from models.patch_gan import PatchDiscriminator
+from trainer.objectives.base import EvalContext, ExtraModule, Objective, Phase, sample_seed
+
+_GAN_KEYS = (
+    "gan_start_step",
+    "gan_loss",
+    "adaptive_weight",
+    "disc_channels",
+    "disc_layers",
+    "disc_lr",
+)
+
+
+@dataclass(kw_only=True)
+class AutoencodingConfig:
+    name: str = option("autoencoding", "Training objective.")
+    reconstruction: Literal["l1", "l2"] = option("l1", "Per-pixel reconstruction loss.")
+    kl_weight: float = option(
+        1e-6, "Weight of the KL term, relative to a per-image sum of the reconstruction loss.", ge=0
+    )
+    perceptual: str = option(
+        doc="'none', or a local TorchScript feature network (.pt, images in [-1, 1] -> a "
+        "tensor or list of feature maps) for a feature-matching perceptual loss. Required: "
+        "nothing is downloaded."
+    )
+    perceptual_weight: float = option(1.0, "Weight of the perceptual loss.", ge=0)
+    gan_weight: float = option(
+        0.0, "Weight of the adversarial loss; 0 trains no discriminator.", ge=0
+    )
+    gan_start_step: int = option(
+        0, "Step from which the adversarial terms apply (the discriminator learns from then).", ge=0
+    )
+    gan_loss: Literal["hinge", "non_saturating"] = option("hinge", "Adversarial loss.")
+    adaptive_weight: bool = option(
+        True, "Balance the generator's adversarial gradient against the reconstruction's."
+    )
+    disc_channels: int = option(64, "Width of the discriminator's first layer.", ge=1)
+    disc_layers: int = option(3, "Strided layers of the PatchGAN discriminator.", ge=1)
+    disc_lr: float | None = option(
+        None, "Discriminator learning rate; default: optimizer.lr.", gt=0
+    )
+    eval_images: int = option(16, "Images reconstructed at each evaluation (PSNR, grid).", ge=1)
+
+    def check(self, given: set[str]) -> list[tuple[str, str]]:
+        out = []
+        if self.perceptual == "none" and "perceptual_weight" in given:
+            out.append(("perceptual_weight", "has no effect with perceptual 'none'"))
+        if self.gan_weight == 0:
+            out += [(key, "has no effect with gan_weight 0") for key in _GAN_KEYS if key in given]
+        return out
+
+
+class FeatureLoss(nn.Module):
+    """Mean squared distance of channel-normalised features of a frozen network (the
+    LPIPS construction without its learned per-channel weights)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        if not Path(path).is_file():
+            raise ConfigError(
+                [
+                    f"objective.perceptual: {path}: no such file (a local TorchScript network; "
+                    "'none' trains without a perceptual loss)"
+                ]
+            )
+        self.net = torch.jit.load(path, map_location="cpu").eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        fx, fy = self.net(x), self.net(y)
+        fx, fy = ([fx], [fy]) if torch.is_tensor(fx) else (fx, fy)
+        total = x.new_zeros(())
+        for a, b in zip(fx, fy, strict=True):
+            a = a / (a.norm(dim=1, keepdim=True) + 1e-10)
+            b = b / (b.norm(dim=1, keepdim=True) + 1e-10)
+            total = total + (a - b).square().sum(1).mean()
+        return total
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of images in [-1, 1] (peak: the range 2)."""
+    mse = float((x.float().clamp(-1, 1) - y.float()).square().mean())
+    return 10.0 * float(np.log10(4.0 / max(mse, 1e-12)))
+
+
+class Autoencoding(Objective):
+    def __init__(self, cfg: AutoencodingConfig, *, seed: int, rank: int, device: torch.device):
+        self.cfg, self.seed, self.device = cfg, seed, device
+        self.generator = torch.Generator().manual_seed(seed * 1009 + rank)
+        self.perceptual = FeatureLoss(cfg.perceptual) if cfg.perceptual != "none" else None
+        self.discriminator = None
+        if cfg.gan_weight > 0:
+            self.discriminator = PatchDiscriminator(3, cfg.disc_channels, cfg.disc_layers)
+            self.discriminator.init_weights(seed + 1)
+
+    def phases(self) -> list[Phase]:
+        phases = [Phase("autoencoder", "model")]
+        if self.discriminator is not None:
+            phases.append(Phase("discriminator", "discriminator"))
+        return phases
+
+    def extra_modules(self) -> dict[str, ExtraModule]:
+        out = {}
+        if self.discriminator is not None:
+            opt: dict[str, Any] = {"weight_decay": 0.0}
+            if self.cfg.disc_lr is not None:
+                opt["lr"] = self.cfg.disc_lr
+            out["discriminator"] = ExtraModule(self.discriminator, trainable=True, optimizer=opt)
+        if self.perceptual is not None:
+            out["perceptual"] = ExtraModule(self.perceptual, trainable=False)
+        return out
+
+    def _noise(self, model: nn.Module, x: torch.Tensor, batch: dict, step: int) -> torch.Tensor:
+        shape = model.latent_shape(x.shape[1], *x.shape[-2:])
+        if "index" not in batch:
+            return torch.randn((x.shape[0], *shape), generator=self.generator).to(x.device)
+        rows = [
+            torch.randn(
+                shape, generator=torch.Generator().manual_seed(sample_seed(self.seed, step, int(i)))
+            )
+            for i in batch["index"].tolist()
+        ]
+        return torch.stack(rows).to(x.device)
+
+    def _adversarial(
+        self, logits_real: torch.Tensor | None, logits_fake: torch.Tensor
+    ) -> torch.Tensor:
+        if logits_real is None:  # generator side
+            if self.cfg.gan_loss == "hinge":
+                return -logits_fake.mean()
+            return F.softplus(-logits_fake).mean()
+        if self.cfg.gan_loss == "hinge":
+            return 0.5 * (F.relu(1 - logits_real).mean() + F.relu(1 + logits_fake).mean())
+        return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
+
+    def loss(
+        self, phase: str, modules: dict[str, nn.Module], batch: dict[str, Any], step: int
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        model = modules["model"]
+        x = batch["x"].to(self.device)
+        gan_on = self.discriminator is not None and step >= self.cfg.gan_start_step
+        if phase == "discriminator":
+            disc = modules["discriminator"]
+            with torch.no_grad():
+                recon, _, _ = model(x, self._noise(model, x, batch, step))
+            d_loss = self._adversarial(disc(x), disc(recon.detach()))
+            if not gan_on:
+                return d_loss * 0.0, {}
+            return d_loss, {}
+        recon, mean, logvar = model(x, self._noise(model, x, batch, step))
+        diff = recon - x
+        rec = diff.abs().mean() if self.cfg.reconstruction == "l1" else diff.square().mean()
+        kl = kl_divergence(mean.float(), logvar.float()).mean()
+        loss = rec + self.cfg.kl_weight * kl / x[0].numel()
+        logs = {"rec": float(rec.detach()), "kl": float(kl.detach())}
+        if self.perceptual is not None:
+            perc = modules["perceptual"](recon, x)
+            loss = loss + self.cfg.perceptual_weight * perc
+            logs["perceptual"] = float(perc.detach())
+        if self.discriminator is not None:
+            g_loss = self._adversarial(None, modules["discriminator"](recon))
+            weight = self._balance(loss, g_loss, recon) if gan_on else torch.zeros(())
+            loss = loss + self.cfg.gan_weight * weight * g_loss
+            logs.update({"g_loss": float(g_loss.detach()), "g_weight": float(weight)})
+        return loss, logs
+
+    def _balance(
+        self, rec_loss: torch.Tensor, g_loss: torch.Tensor, recon: torch.Tensor
+    ) -> torch.Tensor:
+        if not self.cfg.adaptive_weight:
+            return torch.ones((), device=recon.device)
+        (g_rec,) = torch.autograd.grad(rec_loss, recon, retain_graph=True)
+        (g_gan,) = torch.autograd.grad(g_loss, recon, retain_graph=True)
+        squares = torch.stack([g_rec.float().square().sum(), g_gan.float().square().sum()])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # the global loss is the mean of the ranks' losses: its gradient at this
+            # rank's reconstructions is the local one / world size
+            dist.all_reduce(squares)
+            squares = squares / dist.get_world_size() ** 2
+        return (squares[0].sqrt() / (squares[1].sqrt() + 1e-4)).clamp(0.0, 1e4).detach()
+
+    @torch.no_grad()
+    def evaluate(self, ctx: EvalContext) -> dict[str, float]:
+        """Reconstructions (posterior mean) of a fixed image set: PSNR, L1 and a grid of
+        up to 8 originals over their reconstructions."""
+        model = ctx.modules["model"]
+        x = ctx.data.eval_images(self.cfg.eval_images).to(ctx.device)
+        noise = torch.zeros((x.shape[0], *model.latent_shape(3, *x.shape[-2:])), device=ctx.device)
+        recon = model(x, noise)[0].float().clamp(-1, 1)
+        if ctx.rank != 0:
+            return {}
+        if ctx.out_dir is not None:
+            from data_pipeline.loader import save_grid
+
+            ctx.out_dir.mkdir(parents=True, exist_ok=True)
+            rows = min(8, x.shape[0])
+            pairs = torch.cat([x[:rows].cpu(), recon[:rows].cpu()]).numpy()
+            path = ctx.out_dir / f"reconstructions_step{ctx.step:08d}.png"
+            save_grid(pairs, path, columns=rows, row_labels=["original", "reconstructed"])
+        return {"eval/psnr": psnr(recon, x), "eval/l1": float((recon - x).abs().mean())}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
