@@ -102,7 +102,9 @@ class FeatureLoss(nn.Module):
                     "'none' trains without a perceptual loss)"
                 ]
             )
-        self.net = torch.jit.load(path, map_location="cpu").eval().requires_grad_(False)
+        self.net = torch.jit.load(path, map_location="cpu").eval()
+        for param in self.net.parameters():  # frozen (a ScriptModule has no requires_grad_)
+            param.requires_grad_(False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         fx, fy = self.net(x), self.net(y)
