@@ -75,11 +75,11 @@ from data_pipeline.shards import (
 )
 from data_pipeline.text_encoders import ClipTextEncoderConfig, T5EncoderConfig
 from models.autoencoder import IdentityAutoencoderConfig
+from models.autoencoders import AutoencoderSection
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "precompute.json"
-AUTOENCODERS = ("identity",)
 # members this tool writes; an input that already has them (a re-precompute) gets new ones
 OUTPUT_MEMBERS = ("latent.npy", "t5.npy", "t5_mask.npy", "clip.npy", "clip_pooled.npy")
 MAX_REPORTED_FAILURES = 3  # per shard, with key and reason
@@ -95,8 +95,9 @@ class PrecomputeSpec:
     resolution: tuple[int, int] = option(
         doc="[width, height] images are decoded to (resized to cover, center-cropped)."
     )
-    autoencoder: IdentityAutoencoderConfig = option(
-        factory=IdentityAutoencoderConfig, doc="Autoencoder whose normalised latents are stored."
+    autoencoder: AutoencoderSection = option(
+        factory=IdentityAutoencoderConfig,
+        doc="Autoencoder whose normalised latents are stored (identity, or kl_vae with a path).",
     )
     t5: T5EncoderConfig | None = option(None, "T5 text encoder (t5.npy, t5_mask.npy); null: none.")
     clip: ClipTextEncoderConfig | None = option(
@@ -111,13 +112,6 @@ class PrecomputeSpec:
         out = []
         if any(side < 1 for side in self.resolution):
             out.append(("resolution", f"{list(self.resolution)} must be positive"))
-        if self.autoencoder.name not in AUTOENCODERS:
-            out.append(
-                (
-                    "autoencoder.name",
-                    f"unknown {self.autoencoder.name!r}; one of {list(AUTOENCODERS)}",
-                )
-            )
         if self.t5 is None and self.clip is None and "caption_key" in given:
             out.append(("caption_key", "has no effect without a text encoder (t5 or clip)"))
         return out
@@ -184,7 +178,7 @@ class ShardEncoder:
         import torch
 
         from data_pipeline.text_encoders import build_text_encoder
-        from models.autoencoder import build_autoencoder
+        from models.autoencoders import build_autoencoder
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         try:

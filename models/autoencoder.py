@@ -2,7 +2,8 @@
 
 ``encode`` maps images in [-1, 1] (B, 3, H, W) to *normalised* latents
 (B, C, H/f, W/f): ``(raw - shift) * scale``, so latents have roughly unit variance;
-``decode`` inverts it. Trained VAEs / DC-AEs implement the same interface; the identity
+``decode`` inverts it. Trained VAEs / DC-AEs implement the same interface (models/autoencoders.py builds the one a
+recipe names); the identity
 autoencoder below is pixel-space training (f = 1, C = 3).
 """
 
@@ -61,9 +62,3 @@ class IdentityAutoencoder(Autoencoder):
 
     def decode_raw(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
         return latents_BCHW
-
-
-def build_autoencoder(cfg: IdentityAutoencoderConfig) -> Autoencoder:
-    if cfg.name == "identity":
-        return IdentityAutoencoder(cfg.scale, cfg.shift).eval().requires_grad_(False)
-    raise ValueError(f"unknown autoencoder {cfg.name!r}")

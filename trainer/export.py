@@ -9,6 +9,7 @@ local only), and writes the output atomically (temp file, then rename).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import warnings
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+import yaml
 
 from trainer.checkpoint import CheckpointStore, dcp_reader, step_dir_name
 
@@ -84,13 +86,15 @@ def export(path: str, out: Path, step: int | None = None, weights: str = "ema") 
     from safetensors.torch import save_file
 
     tensors, step = consolidated_state_dict(path, step, weights)
+    metadata = {"step": str(step), "weights": weights}
+    config = Path(path) / "config.yaml"
+    if config.is_file():  # a run directory: the file then says which network it holds
+        model = (yaml.safe_load(config.read_text()) or {}).get("model")
+        if model:
+            metadata["model"] = json.dumps(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    save_file(
-        {k: v.contiguous() for k, v in tensors.items()},
-        str(tmp),
-        metadata={"step": str(step), "weights": weights},
-    )
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, out)
     return step
 

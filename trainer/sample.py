@@ -41,7 +41,7 @@ def _image_shape(cfg, height: int | None, width: int | None) -> tuple[int, int, 
     channels = getattr(cfg.model, "in_channels", 3)
     autoencoder = getattr(cfg.objective, "autoencoder", None)
     if autoencoder is not None:
-        from models.autoencoder import build_autoencoder
+        from models.autoencoders import build_autoencoder
 
         return build_autoencoder(autoencoder).latent_shape(3, height, width)
     return (channels, height, width)

@@ -9,11 +9,14 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO, launch_env, read_metrics, run_launch, train_losses
+from conftest import REPO, launch_env, read_metrics, run_launch, run_module, train_losses
 
 from cluster.env import DistEnv
+from configlib import from_dict
+from data_pipeline.loader import WebDatasetConfig, WebDatasetSource
 from trainer import distributed as D
 from trainer.loop import Trainer
+from trainer.objectives.autoencoding import psnr
 from trainer.registry import load_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -41,22 +44,79 @@ def trainer_for(tmp_path, digits, *overrides) -> Trainer:
     return Trainer(cfg, DistEnv("single"))
 
 
-def test_kl_vae_learns_to_reconstruct_the_digits(tmp_path, digits):
-    trainer = trainer_for(tmp_path, digits)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits):
+    """The tiny recipe's 200 steps, with PSNR before and after."""
+    run = tmp_path_factory.mktemp("kl_vae_run")
+    trainer = trainer_for(run, digits)
     try:
         untrained = trainer.evaluate()["eval/psnr"]
         assert trainer.run() == 0
-        trained = trainer.evaluate()["eval/psnr"]
+        psnr = trainer.evaluate()["eval/psnr"]
     finally:
         D.close()
+    return run, untrained, psnr
+
+
+def test_kl_vae_learns_to_reconstruct_the_digits(trained):
+    run, untrained, psnr = trained
     assert untrained < UNTRAINED_MAX_PSNR, "the untrained baseline must fail the bound"
-    assert trained > TRAINED_MIN_PSNR, (trained, untrained)
-    assert (tmp_path / "samples" / "reconstructions_step00000200.png").exists()
-    records = [r for r in read_metrics(tmp_path) if "loss" in r]
+    assert psnr > TRAINED_MIN_PSNR, (psnr, untrained)
+    assert (run / "samples" / "reconstructions_step00000200.png").exists()
+    records = [r for r in read_metrics(run) if "loss" in r]
     # the adversarial terms start at gan_start_step (100): zero weight before, positive after
     assert all(r["g_weight"] == 0.0 for r in records if r["step"] <= 100)
     assert all(r["g_weight"] > 0.0 for r in records if r["step"] > 110)
     assert all("discriminator/loss" in r for r in records)
+
+
+def test_export_latent_stats_and_use_as_a_frozen_autoencoder(trained, digits, tmp_path):
+    """trainer.export -> data_pipeline.latent_stats -> autoencoder.path: the recipe-side
+    autoencoder gives unit-variance latents that decode back to the images."""
+    from models.autoencoders import PretrainedKLVAEConfig, build_autoencoder, read_export
+
+    run, _, _ = trained
+    out = tmp_path / "vae.safetensors"
+    export = run_module("trainer.export", str(run), "--out", str(out), "--weights", "model")
+    assert export.returncode == 0, export.stderr[-3000:]
+    data = digits.split("=", 1)[1]
+    stats = run_module(
+        "data_pipeline.latent_stats", str(out), "--data", data, "--images", "512",
+        "--resolution", "16", "16", "--no-progress",
+    )  # fmt: skip
+    assert stats.returncode == 0, stats.stderr[-3000:]
+    assert "wrote latent_shift" in stats.stdout
+    meta = read_export(out)[1]
+    assert {"latent_scale", "latent_shift", "model"} <= set(meta)
+    ae = build_autoencoder(from_dict(PretrainedKLVAEConfig, {"path": str(out)}))
+    assert ae.scale == pytest.approx(float(meta["latent_scale"]))
+    images = _digit_images(data, 256)
+    z = ae.encode(images)
+    assert z.shape == (256, 4, 8, 8)
+    assert abs(float(z.mean())) < 0.1 and float(z.std()) == pytest.approx(1.0, abs=0.1)
+    raw_std = float(ae.encode_raw(images).std())
+    assert abs(raw_std - 1.0) > 0.2, "the stats must matter: raw latents are not unit-variance"
+    assert psnr(ae.decode(z), images) > TRAINED_MIN_PSNR
+    # architecture keys that contradict the file are an error, not a silent rebuild
+    with pytest.raises(ValueError, match="latent_channels: recipe 8"):
+        build_autoencoder(
+            from_dict(PretrainedKLVAEConfig, {"path": str(out), "latent_channels": 8})
+        )
+    # an exported file is named in a recipe like any other autoencoder
+    cfg = load_config(
+        "recipes/tiny/sd3_like.yaml",
+        ["run.output_dir=/tmp/unused", f"objective.autoencoder={{name: kl_vae, path: {out}}}"],
+    )
+    assert cfg.objective.autoencoder.path == str(out)
+
+
+def _digit_images(data: str, count: int) -> torch.Tensor:
+    cfg = from_dict(WebDatasetConfig, {"urls": data, "resolutions": [[16, 16]]})
+    source = WebDatasetSource(cfg, seed=0, rank=0, world_size=1, micro_batch=count, accum_steps=1)
+    try:
+        return source.eval_images(count)
+    finally:
+        source.close()
 
 
 def test_discriminator_stays_as_initialised_before_gan_start(tmp_path, digits):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from configlib import option
-from models.autoencoder import IdentityAutoencoderConfig
+from models.autoencoders import AutoencoderSection
 from trainer.objectives.base import sample_seed
 from trainer.objectives.conditioning import ConditioningConfig
 from trainer.objectives.latent import LatentObjective
@@ -58,7 +58,7 @@ class DDPMConfig:
     timestep_bins: int = option(
         5, "Log the loss in this many equal bins of t = i / T; 0 disables.", ge=0
     )
-    autoencoder: IdentityAutoencoderConfig | None = option(
+    autoencoder: AutoencoderSection | None = option(
         None, "Autoencoder between images and latents; null for data already in the training space."
     )
     conditioning: ConditioningConfig | None = option(

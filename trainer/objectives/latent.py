@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.autoencoder import build_autoencoder
+from models.autoencoders import build_autoencoder
 from trainer.objectives.base import EvalContext, ExtraModule, Objective
 from trainer.objectives.conditioning import TextConditioner
 from trainer.samplers.flow import with_guidance

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from configlib import option
-from models.autoencoder import IdentityAutoencoderConfig
+from models.autoencoders import AutoencoderSection
 from trainer.objectives.base import sample_seed
 from trainer.objectives.conditioning import ConditioningConfig
 from trainer.objectives.latent import LatentObjective
@@ -50,7 +50,7 @@ class RectifiedFlowConfig:
         0, "Also log the loss in this many equal bins of t; 0 disables.", ge=0, le=20
     )
     sampler: Literal["euler", "heun"] = option("euler", "ODE sampler used for evaluation samples.")
-    autoencoder: IdentityAutoencoderConfig | None = option(
+    autoencoder: AutoencoderSection | None = option(
         None,
         "Autoencoder between images and latents; null for data that is already the training space.",
     )

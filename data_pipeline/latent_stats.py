@@ -1,0 +1,115 @@
+"""Latent statistics of a trained KL-VAE over an image shard set, stored in its export.
+
+    python -m data_pipeline.latent_stats runs/kl_vae/vae.safetensors --data data/images \\
+        [--images 4096] [--resolution 256 256] [--out vae_with_stats.safetensors]
+
+Encodes up to ``--images`` images (posterior means) and stores the SD3-style single
+shift and scale (mean and 1 / std over every latent element, also printed per channel)
+as the file's ``latent_shift`` / ``latent_scale`` metadata; recipes that name the file
+as ``autoencoder.path`` then train on unit-variance latents. The file is rewritten
+atomically (``--out`` writes a copy instead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from configlib import ConfigError, from_dict
+from data_pipeline.loader import DataError, WebDatasetConfig, WebDatasetSource
+from models.autoencoders import (
+    SCALE_KEY,
+    SHIFT_KEY,
+    PretrainedKLVAEConfig,
+    build_autoencoder,
+    read_export,
+)
+
+
+def latent_moments(
+    autoencoder, source: WebDatasetSource, images: int, device: torch.device, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per-channel (mean, std) of raw latents over ``images`` images, and the count used."""
+    from tqdm import tqdm
+
+    total = sq = None
+    elements = seen = 0
+    bar = tqdm(total=images, desc="encode", unit=" img", file=sys.stderr, disable=not progress)
+    with torch.no_grad():
+        while seen < images:
+            x = source.next_batch()["x"][: images - seen].to(device)
+            z = autoencoder.encode_raw(x).double()  # (B, C, h, w)
+            s, s2 = z.sum(dim=(0, 2, 3)), z.square().sum(dim=(0, 2, 3))
+            total, sq = (s, s2) if total is None else (total + s, sq + s2)
+            elements += z.numel() // z.shape[1]
+            seen += x.shape[0]
+            bar.update(x.shape[0])
+    bar.close()
+    mean = total / elements
+    return mean, (sq / elements - mean.square()).clamp_min(0).sqrt(), seen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m data_pipeline.latent_stats", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "autoencoder", type=Path, help=".safetensors from trainer.export (kl_vae run)"
+    )
+    parser.add_argument(
+        "--data", required=True, help="image shards (folder, brace pattern or s3://)"
+    )
+    parser.add_argument("--images", type=int, default=4096, help="images to encode (default 4096)")
+    parser.add_argument("--resolution", type=int, nargs=2, metavar=("W", "H"), default=None)
+    parser.add_argument("--batch", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--out", type=Path, default=None, help="write here instead of in place")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.images < 1 or args.batch < 1:
+            raise ValueError("--images and --batch must be positive")
+        cfg = from_dict(PretrainedKLVAEConfig, {"path": str(args.autoencoder)})
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        autoencoder = build_autoencoder(cfg).to(device)
+        data = {"urls": args.data, "kind": "images", "keep_captions": False}
+        if args.resolution:
+            data["resolutions"] = [list(args.resolution)]
+        data_cfg = from_dict(WebDatasetConfig, data, source="--data/--resolution")
+        source = WebDatasetSource(
+            data_cfg, seed=0, rank=0, world_size=1, micro_batch=args.batch, accum_steps=1
+        )
+        try:
+            mean, std, seen = latent_moments(
+                autoencoder, source, args.images, device, progress=not args.no_progress
+            )
+        finally:
+            source.close()
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    shift = float(mean.mean())
+    variance = float((std.square() + (mean - shift).square()).mean())  # over all elements
+    scale = 1.0 / math.sqrt(max(variance, 1e-12))
+    tensors, meta = read_export(args.autoencoder)
+    meta.update({SHIFT_KEY: repr(shift), SCALE_KEY: repr(scale), "latent_stats_images": str(seen)})
+    from safetensors.torch import save_file
+
+    out = args.out or args.autoencoder
+    tmp = out.with_name(out.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, out)
+    per_channel = ", ".join(
+        f"{m:+.3f}/{s:.3f}" for m, s in zip(mean.tolist(), std.tolist(), strict=True)
+    )
+    print(f"per-channel mean/std over {seen} images: {per_channel}")
+    print(f"wrote latent_shift {shift:.5f}, latent_scale {scale:.5f} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
