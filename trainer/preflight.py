@@ -58,6 +58,13 @@ def run_items(cfg: Any) -> list[tuple[str, str, Kind]]:
             if getattr(enc, "tokenizer_path", None):
                 kind: Kind = "file" if enc.tokenizer_path.endswith(".model") else "folder"
                 items.append((f"{key}.tokenizer_path", enc.tokenizer_path, kind))
+    autoencoder = getattr(cfg.objective, "autoencoder", None)
+    if getattr(autoencoder, "path", None) and not getattr(autoencoder, "random_init", False):
+        kind = "file" if autoencoder.path.endswith(".safetensors") else "folder"
+        items.append(("objective.autoencoder.path", autoencoder.path, kind))
+    perceptual = getattr(cfg.objective, "perceptual", "none")
+    if perceptual != "none":
+        items.append(("objective.perceptual", perceptual, "file"))
     ckpt_root = cfg.checkpoint.dir or os.path.join(cfg.run.output_dir, "checkpoints")
     items.append(
         ("checkpoint.dir" if cfg.checkpoint.dir else "run.output_dir", ckpt_root, "writable")

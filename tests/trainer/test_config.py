@@ -730,3 +730,26 @@ def test_missing_inputs_are_warnings_under_ray(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "error: " in err and f"  - data.urls: no such file or folder: {tmp_path}/nope" in err
     assert "warning:" not in err and len(started) == 1
+
+
+def test_input_check_looks_up_autoencoder_and_perceptual_weights(tmp_path):
+    """A latent recipe's autoencoder file and a VAE recipe's perceptual network are
+    inputs like the encoders: missing ones are named with their key before ranks start."""
+    from trainer.preflight import check_inputs
+
+    vae = load_config(
+        REPO / "recipes" / "tiny" / "kl_vae.yaml",
+        [f"run.output_dir={tmp_path}/run", f"objective.perceptual={tmp_path}/vgg.pt"],
+    )
+    problems = check_inputs(vae)
+    assert f"objective.perceptual: {tmp_path}/vgg.pt does not exist" in problems
+    latent = load_config(
+        REPO / "recipes" / "tiny" / "sd3_like.yaml",
+        [
+            f"run.output_dir={tmp_path}/run2",
+            f"objective.autoencoder={{name: kl_vae, path: {tmp_path}/vae.safetensors}}",
+        ],
+    )
+    assert f"objective.autoencoder.path: {tmp_path}/vae.safetensors does not exist" in (
+        check_inputs(latent)
+    )
