@@ -1,6 +1,6 @@
 """Latent statistics of a trained KL-VAE over an image shard set, stored in its export.
 
-    python -m data_pipeline.latent_stats runs/kl_vae/vae.safetensors --data data/images \\
+    python -m data_pipeline.latent_stats runs/vae/vae.safetensors --data data/images \\
         [--images 4096] [--resolution 256 256] [--out vae_with_stats.safetensors]
 
 Encodes up to ``--images`` images (posterior means) and stores the SD3-style single

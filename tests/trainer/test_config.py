@@ -738,7 +738,7 @@ def test_input_check_looks_up_autoencoder_and_perceptual_weights(tmp_path):
     from trainer.preflight import check_inputs
 
     vae = load_config(
-        REPO / "recipes" / "tiny" / "kl_vae.yaml",
+        REPO / "recipes" / "tiny" / "vae.yaml",
         [f"run.output_dir={tmp_path}/run", f"objective.perceptual={tmp_path}/vgg.pt"],
     )
     problems = check_inputs(vae)
