@@ -37,12 +37,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from configlib import option
-from models.common.attention import QKVProjection
+from models.common.attention import QKVProjection, attention
 from models.common.embeddings import TimestepMLP, apply_rope, rope_cos_sin
 from models.common.init import ParamInit
 from models.common.mlp import FeedForward
-from models.common.modulation import AdaLNModulation, layer_norm
-from models.common.parallelize import ParallelPlan, apply_parallelism
+from models.common.modulation import AdaLNModulation, gated_residual, layer_norm, modulate
+from models.common.parallelize import parallelize_blocks_keeping_input_dtypes
 from models.common.presets import count_params_on_meta, resolve_preset
 
 # width = num_heads x head_dim; cond_dim is the width of the sigma embedding c (MDLM: 128).
@@ -226,27 +226,27 @@ class DLMBlock(nn.Module):
         past_v: torch.Tensor | None,
         keep_kv: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        b, seq, dim = x_BLD.shape
         h = self.norm_attn(x_BLD)
         if self.mod is not None:
             shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = _per_token(
                 self.mod(cond_NC), cond_index_BL
             )
-            h = h * (1 + scale_a) + shift_a
+            h = modulate(h, shift_a, scale_a)
         q, k, v = self.qkv(h)  # (B, L, H, K)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, L, K)
         keys = k if past_k is None else torch.cat([past_k.to(k.dtype), k], dim=2)
         values = v if past_v is None else torch.cat([past_v.to(v.dtype), v], dim=2)
-        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask)
-        attn = self.attn_out(attn.transpose(1, 2).reshape(b, seq, dim))
+        attn = self.attn_out(attention(q, keys, values, attn_mask))
         if not keep_kv:
             k = v = None
         if self.mod is None:
             x_BLD = x_BLD + attn
             return x_BLD + self.mlp(self.norm_mlp(x_BLD)), k, v
-        x_BLD = x_BLD + gate_a * attn
-        x_BLD = x_BLD + gate_m * self.mlp(self.norm_mlp(x_BLD) * (1 + scale_m) + shift_m)
+        x_BLD = gated_residual(x_BLD, gate_a, attn)
+        x_BLD = gated_residual(
+            x_BLD, gate_m, self.mlp(modulate(self.norm_mlp(x_BLD), shift_m, scale_m))
+        )
         return x_BLD, k, v
 
 
@@ -341,7 +341,7 @@ class DLM(nn.Module):
         h = self.final_norm(x_BLD)
         if self.final_mod is not None:
             shift, scale = _per_token(self.final_mod(cond_NC), cond_index_BL)
-            h = h * (1 + scale) + shift
+            h = modulate(h, shift, scale)
         return self.head(h).float()
 
     @torch.no_grad()
@@ -357,13 +357,7 @@ class DLM(nn.Module):
             elif isinstance(module, QKVProjection):
                 init.xavier_uniform_(module.qkv.weight, parts=3)  # q, k, v each its own matrix
         init.normal_(self.embed.weight, 0.02)
-        if self.time_embed is not None:
-            init.normal_(self.time_embed.linear_1.weight, 0.02)
-            init.normal_(self.time_embed.linear_2.weight, 0.02)
-        for module in self.modules():
-            if isinstance(module, AdaLNModulation):
-                init.zeros_(module.linear.weight)
-                init.zeros_(module.linear.bias)
+        init.own_init_(self, TimestepMLP, AdaLNModulation)
         init.zeros_(self.head.weight)
         init.zeros_(self.head.bias)
 
@@ -395,10 +389,9 @@ def build(cfg: DLMConfig) -> DLM:
     return DLM(cfg)
 
 
-def parallelize(model: DLM, plan: ParallelPlan, mesh=None) -> DLM:
-    # sigma must reach the sinusoids in fp32 (bf16 rounds noise levels): the root's
-    # inputs keep their dtype, forward casts the embeddings itself
-    return apply_parallelism(model, list(model.blocks), plan, mesh, cast_root_inputs=False)
+# (model, ParallelPlan, mesh) -> model. sigma must reach the sinusoids in fp32 (bf16
+# rounds noise levels): the root's inputs keep their dtype, forward casts the embeddings
+parallelize = parallelize_blocks_keeping_input_dtypes
 
 
 def num_params(cfg: DLMConfig) -> int:

@@ -28,8 +28,9 @@ from models.common.attention import QKVProjection, joint_attention
 from models.common.embeddings import PatchEmbed, TimestepMLP, unpatchify
 from models.common.init import ParamInit
 from models.common.mlp import FeedForward
-from models.common.modulation import AdaLNModulation, layer_norm, modulate
-from models.common.parallelize import ParallelPlan, apply_parallelism
+from models.common.modulation import AdaLNModulation, gated_residual, layer_norm, modulate
+from models.common.parallelize import parallelize_blocks_keeping_input_dtypes
+from models.common.patches import PatchEmbedND
 from models.common.presets import count_params_on_meta, resolve_preset
 
 # num_heads x head_dim = width; "sd3_medium" is SD3-medium-like (~2B), "8b" SD3-large-like.
@@ -107,13 +108,15 @@ class JointBlock(nn.Module):
         c_in = modulate(self.norm(c_BLD), c_shift_a, c_scale_a)
         # image tokens first, then text (diffusers' order; attention itself is order-free)
         x_attn, c_attn = joint_attention([self.x_qkv(x_in), self.c_qkv(c_in)])
-        x_BND = x_BND + gate_a[:, None] * self.x_out(x_attn)
-        x_BND = x_BND + gate_m[:, None] * self.x_mlp(modulate(self.norm(x_BND), shift_m, scale_m))
+        x_BND = gated_residual(x_BND, gate_a, self.x_out(x_attn))
+        x_BND = gated_residual(
+            x_BND, gate_m, self.x_mlp(modulate(self.norm(x_BND), shift_m, scale_m))
+        )
         if self.context_pre_only:
             return x_BND, None
-        c_BLD = c_BLD + c_gate_a[:, None] * self.c_out(c_attn)
-        c_BLD = c_BLD + c_gate_m[:, None] * self.c_mlp(
-            modulate(self.norm(c_BLD), c_shift_m, c_scale_m)
+        c_BLD = gated_residual(c_BLD, c_gate_a, self.c_out(c_attn))
+        c_BLD = gated_residual(
+            c_BLD, c_gate_m, self.c_mlp(modulate(self.norm(c_BLD), c_shift_m, c_scale_m))
         )
         return x_BND, c_BLD
 
@@ -152,11 +155,10 @@ class MMDiT(nn.Module):
     def forward(
         self, x_BCHW: torch.Tensor, t_B: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:
-        rows, cols = x_BCHW.shape[-2] // self.patch_size, x_BCHW.shape[-1] // self.patch_size
         # Inputs go to the weights' dtype here (FSDP2 does not cast the root's inputs, see
         # parallelize); t stays as given: its sinusoids are computed in fp32, like diffusers'.
         dtype = self.patch_embed.proj.weight.dtype
-        tokens = self.patch_embed(x_BCHW.to(dtype))
+        tokens, (rows, cols) = self.patch_embed(x_BCHW.to(dtype))
         vec = self.time_embed(t_B, tokens.dtype) + self.pooled_embed(
             cond["pooled"].to(tokens.dtype)
         )
@@ -172,18 +174,7 @@ class MMDiT(nn.Module):
         """Xavier-uniform linears, zero biases; adaLN-zero (modulations and output zero)."""
         init = ParamInit(self, seed)
         init.defaults_(self)
-        for module in self.modules():
-            if isinstance(module, QKVProjection):
-                init.xavier_uniform_(module.qkv.weight, parts=3)  # q, k, v each as its own matrix
-        conv = self.patch_embed.proj
-        init.xavier_uniform_(conv.weight)  # as a (D, C*p*p) matrix, like DiT
-        init.zeros_(conv.bias)
-        init.normal_(self.time_embed.linear_1.weight, 0.02)
-        init.normal_(self.time_embed.linear_2.weight, 0.02)
-        for module in self.modules():
-            if isinstance(module, AdaLNModulation):
-                init.zeros_(module.linear.weight)
-                init.zeros_(module.linear.bias)
+        init.own_init_(self, QKVProjection, PatchEmbedND, TimestepMLP, AdaLNModulation)
         init.zeros_(self.final_proj.weight)
         init.zeros_(self.final_proj.bias)
         self.patch_embed.reset_pos_table()
@@ -220,9 +211,8 @@ def build(cfg: MMDiTConfig) -> MMDiT:
     return MMDiT(cfg)
 
 
-def parallelize(model: MMDiT, plan: ParallelPlan, mesh=None) -> MMDiT:
-    # forward casts its own inputs, keeping t in fp32 (see MMDiT.forward)
-    return apply_parallelism(model, list(model.blocks), plan, mesh, cast_root_inputs=False)
+# (model, ParallelPlan, mesh) -> model; forward casts its own inputs, keeping t in fp32
+parallelize = parallelize_blocks_keeping_input_dtypes
 
 
 def num_params(cfg: MMDiTConfig) -> int:

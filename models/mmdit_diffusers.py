@@ -23,6 +23,7 @@ position-table cropping (``pos_embed_max_size`` None).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -106,6 +107,37 @@ def _top_rename(key: str, to_ours: bool) -> str | None:
     return None
 
 
+def _rename(
+    sd: dict[str, torch.Tensor],
+    to_ours: bool,
+    convert_block: Callable[[dict[str, torch.Tensor], str, str, str, torch.Tensor], bool],
+) -> dict[str, torch.Tensor]:
+    """``sd`` with keys outside the blocks renamed by ``_TOP_KEYS`` and each key of block i
+    handed to ``convert_block(out, i, module, param, value)``, which writes ``out`` or says
+    False (no rule). Every key without a rule is reported in one ValueError."""
+    block_pattern = _DIFFUSERS_BLOCK if to_ours else _OUR_BLOCK
+    out: dict[str, torch.Tensor] = {}
+    unknown = []
+    for key, value in sd.items():
+        if to_ours and key == POS_TABLE_KEY:
+            continue
+        match = block_pattern.fullmatch(key)
+        if match is None:
+            renamed = _top_rename(key, to_ours)
+            if renamed is None:
+                unknown.append(key)
+            else:
+                out[renamed] = value
+        elif not convert_block(out, *match.groups(), value):
+            unknown.append(key)
+    if unknown:
+        source, target = ("diffusers SD3", "MMDiT") if to_ours else ("MMDiT", "diffusers")
+        raise ValueError(
+            f"{source} state dict has keys with no {target} counterpart: {listing(unknown)}"
+        )
+    return out
+
+
 def from_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """diffusers ``SD3Transformer2DModel`` state dict -> our ``MMDiT`` state dict.
 
@@ -117,32 +149,19 @@ def from_diffusers_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
         part: (ours, i) for ours, parts in _BLOCK_FUSED.items() for i, part in enumerate(parts)
     }
     block_rename = {theirs: ours for theirs, ours in _BLOCK_KEYS}
-    out: dict[str, torch.Tensor] = {}
     pending: dict[str, list[torch.Tensor | None]] = {}
-    unknown = []
-    for key, value in sd.items():
-        if key == POS_TABLE_KEY:
-            continue
-        match = _DIFFUSERS_BLOCK.fullmatch(key)
-        if match is None:
-            ours = _top_rename(key, to_ours=True)
-            if ours is None:
-                unknown.append(key)
-            else:
-                out[ours] = value
-            continue
-        index, module, param = match.groups()
+
+    def convert_block(out, index, module, param, value) -> bool:
         if module in block_rename:
             out[f"blocks.{index}.{block_rename[module]}.{param}"] = value
         elif module in fused_part:
             fused, part = fused_part[module]
             pending.setdefault(f"blocks.{index}.{fused}.{param}", [None, None, None])[part] = value
         else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(
-            f"diffusers SD3 state dict has keys with no MMDiT counterpart: {listing(unknown)}"
-        )
+            return False
+        return True
+
+    out = _rename(sd, True, convert_block)
     incomplete = [key for key, parts in pending.items() if any(p is None for p in parts)]
     if incomplete:
         raise ValueError(f"diffusers SD3 state dict lacks some of q/k/v for: {listing(incomplete)}")
@@ -162,29 +181,18 @@ def to_diffusers_state_dict(
     ``load_state_dict``) is added, computed from the config.
     """
     block_rename = {ours: theirs for theirs, ours in _BLOCK_KEYS}
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for key, value in sd.items():
-        match = _OUR_BLOCK.fullmatch(key)
-        if match is None:
-            theirs = _top_rename(key, to_ours=False)
-            if theirs is None:
-                unknown.append(key)
-            else:
-                out[theirs] = value
-            continue
-        index, module, param = match.groups()
+
+    def convert_block(out, index, module, param, value) -> bool:
         if module in block_rename:
             out[f"transformer_blocks.{index}.{block_rename[module]}.{param}"] = value
         elif module in _BLOCK_FUSED and value.shape[0] % 3 == 0:
             for part, chunk in zip(_BLOCK_FUSED[module], value.chunk(3, dim=0)):
                 out[f"transformer_blocks.{index}.{part}.{param}"] = chunk.clone()
         else:
-            unknown.append(key)
-    if unknown:
-        raise ValueError(
-            f"MMDiT state dict has keys with no diffusers counterpart: {listing(unknown)}"
-        )
+            return False
+        return True
+
+    out = _rename(sd, False, convert_block)
     if cfg is not None:
         width = cfg.dims()["num_heads"] * cfg.dims()["head_dim"]
         out[POS_TABLE_KEY] = sincos_2d_grid(width, cfg.pos_max_grid, cfg.pos_base_grid)[None]

@@ -1,8 +1,8 @@
 """Attention shared by the transformer families: a fused q/k/v projection, optional
 per-head RMS QK-norm, and scaled_dot_product_attention (flash / memory-efficient
-kernels on GPU).
+kernels on GPU) with an optional mask, over one stream or several joined ones.
 
-Shapes: B batch, N tokens, H heads, K head dim, D = H * K model width.
+Shapes: B batch, N queries, M keys, H heads, K head dim, D = H * K model width.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from models.common.init import ParamInit
 
 
 class QKVProjection(nn.Module):
@@ -32,6 +34,26 @@ class QKVProjection(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
+    def init_(self, init: ParamInit) -> None:
+        """Xavier-uniform q, k and v, each as its own (D, D) matrix; bias as given."""
+        init.xavier_uniform_(self.qkv.weight, parts=3)
+
+
+def attention(
+    q_BHNK: torch.Tensor,
+    k_BHMK: torch.Tensor,
+    v_BHMK: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SDPA of N queries over M keys -> (B, N, D), heads merged back into the width.
+
+    ``attn_mask``: None (full attention) or a bool tensor broadcastable to (B, H, N, M),
+    True = may attend; a query with no True entry gives NaN (SDPA's behaviour).
+    """
+    out = F.scaled_dot_product_attention(q_BHNK, k_BHMK, v_BHMK, attn_mask=attn_mask)
+    b, h, n, kdim = out.shape
+    return out.transpose(1, 2).reshape(b, n, h * kdim)
+
 
 def joint_attention(
     streams: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
@@ -43,8 +65,6 @@ def joint_attention(
     tensors SDPA takes are transposed views, not copies (flash attention's own layout).
     """
     q, k, v = (torch.cat([s[i] for s in streams], dim=1).transpose(1, 2) for i in range(3))
-    out = F.scaled_dot_product_attention(q, k, v)  # (B, H, sum N_i, K)
-    b, h, n, kdim = out.shape
-    out = out.transpose(1, 2).reshape(b, n, h * kdim)
+    out = attention(q, k, v)  # (B, sum N_i, D)
     sizes = [s[0].shape[1] for s in streams]
     return list(out.split(sizes, dim=1))

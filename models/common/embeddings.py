@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.common.patches import unpatchify_nd
+from models.common.init import ParamInit
+from models.common.patches import PatchEmbedND, unpatchify_nd
 
 
 def timestep_embedding(
@@ -47,16 +48,18 @@ def sincos_2d_grid(dim: int, grid_size: int, base_size: int) -> torch.Tensor:
     return torch.cat([sincos_1d(dim // 2, cols), sincos_1d(dim // 2, rows)], dim=1)
 
 
-class PatchEmbed(nn.Module):
+class PatchEmbed(PatchEmbedND):
     """Non-overlapping p x p patches -> tokens, plus a 2-D sin-cos position embedding
     center-cropped from a ``max_grid`` x ``max_grid`` table, so any resolution (aspect
-    bucket) up to max_grid * p pixels per side gets consistent positions."""
+    bucket) up to max_grid * p pixels per side gets consistent positions.
+
+    The 2-D :class:`PatchEmbedND` (same ``proj`` conv, same token order) with the table
+    added; returns tokens and the (rows, cols) patch grid likewise."""
 
     def __init__(self, in_channels: int, dim: int, patch_size: int, max_grid: int, base_grid: int):
-        super().__init__()
+        super().__init__(in_channels, dim, (patch_size, patch_size))
         self.patch_size = patch_size
         self.max_grid = max_grid
-        self.proj = nn.Conv2d(in_channels, dim, kernel_size=patch_size, stride=patch_size)
         self.register_buffer(
             "pos_table", sincos_2d_grid(dim, max_grid, base_grid)[None], persistent=False
         )
@@ -66,13 +69,12 @@ class PatchEmbed(nn.Module):
         """Recompute the table (it is not a parameter; after meta-device builds)."""
         self.pos_table = sincos_2d_grid(*self._table_args)[None].to(self.proj.weight.device)
 
-    def forward(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        rows, cols = x_BCHW.shape[-2] // self.patch_size, x_BCHW.shape[-1] // self.patch_size
+    def forward(self, x_BCHW: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        tokens_BND, (rows, cols) = self.project(x_BCHW)
         if rows > self.max_grid or cols > self.max_grid:
             raise ValueError(
                 f"{rows}x{cols} patches exceed the position table ({self.max_grid} per side)"
             )
-        tokens_BND = self.proj(x_BCHW).flatten(2).transpose(1, 2)
         top, left = (self.max_grid - rows) // 2, (self.max_grid - cols) // 2
         table = self.pos_table.reshape(1, self.max_grid, self.max_grid, -1)[
             :, top : top + rows, left : left + cols
@@ -80,7 +82,7 @@ class PatchEmbed(nn.Module):
         # fp32 table added before rounding (as diffusers); contiguous, else the residual
         # stream would keep the conv's transposed layout through every block (slow)
         out_BND = (tokens_BND + table.reshape(1, rows * cols, -1)).to(tokens_BND.dtype)
-        return out_BND.contiguous()
+        return out_BND.contiguous(), (rows, cols)
 
 
 def unpatchify(
@@ -103,6 +105,11 @@ class TimestepMLP(nn.Module):
         return self.linear_2(
             nn.functional.silu(self.linear_1(timestep_embedding(t_B, self.freq_dim).to(dtype)))
         )
+
+    def init_(self, init: ParamInit) -> None:
+        """N(0, 0.02) weights (DiT's choice); biases as given."""
+        init.normal_(self.linear_1.weight, 0.02)
+        init.normal_(self.linear_2.weight, 0.02)
 
 
 def rope_angles(positions: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
@@ -132,18 +139,34 @@ def grid_positions(shape: Sequence[int], device: torch.device | str | None = Non
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, len(shape))
 
 
+def rope_axes_dims(head_dim: int, num_axes: int) -> list[int]:
+    """An even split of head_dim over the axes, the pairs left over going to the first
+    axis (time, for video: head_dim 128 -> [44, 42, 42])."""
+    if head_dim % 2 or head_dim < 2 * num_axes:
+        raise ValueError(
+            f"head_dim {head_dim} must be even and at least 2 per axis for {num_axes}-axis RoPE"
+        )
+    share = 2 * (head_dim // (2 * num_axes))
+    return [head_dim - share * (num_axes - 1)] + [share] * (num_axes - 1)
+
+
 def rope_cos_sin_nd(
     positions_NA: torch.Tensor,
     head_dim: int,
-    axes_dims: Sequence[int],
+    axes_dims: Sequence[int] | None = None,
     base: float = 10000.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Axial rotary tables for tokens at A-axis coordinates (N, A) (1-D text or audio,
     2-D images, 3-D video: e.g. :func:`grid_positions`) -> cos, sin (1, N, 1, head_dim // 2)
     for :func:`apply_rope`. Axis a rotates ``axes_dims[a]`` channels of each head (even,
     summing to head_dim) with its own coordinate, so the attention score of two tokens
-    depends only on their offset along each axis. One axis is :func:`rope_cos_sin`."""
-    if positions_NA.dim() != 2 or positions_NA.shape[1] != len(axes_dims):
+    depends only on their offset along each axis. One axis is :func:`rope_cos_sin`.
+    ``axes_dims`` None: :func:`rope_axes_dims`."""
+    if positions_NA.dim() != 2:
+        raise ValueError(f"positions must be (N, axes), got {tuple(positions_NA.shape)}")
+    if axes_dims is None:
+        axes_dims = rope_axes_dims(head_dim, positions_NA.shape[1])
+    if positions_NA.shape[1] != len(axes_dims):
         raise ValueError(
             f"positions must be (N, {len(axes_dims)}) for axes_dims {list(axes_dims)}, "
             f"got {tuple(positions_NA.shape)}"

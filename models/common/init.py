@@ -85,6 +85,13 @@ class ParamInit:
         if getattr(norm, "bias", None) is not None:
             self.zeros_(norm.bias)
 
+    def own_init_(self, model: nn.Module, *kinds: type[nn.Module]) -> None:
+        """Every module of ``kinds`` in ``model`` initialised by its own ``init_(self)``
+        (the shared blocks know their initialisation: e.g. fused q/k/v, adaLN-zero)."""
+        for module in model.modules():
+            if isinstance(module, kinds):
+                module.init_(self)
+
     def defaults_(self, model: nn.Module) -> None:
         """Every Linear as ``linear_`` (xavier-uniform, zero bias), every LayerNorm /
         RMSNorm as ``layer_norm_``; families then override the special cases (a later

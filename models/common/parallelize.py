@@ -124,3 +124,10 @@ def gathered_for_inference(module: nn.Module):
         for unit, flag in zip(units, reshard_flags, strict=True):
             unit.set_reshard_after_forward(flag)
             unit.reshard()
+
+
+def parallelize_blocks_keeping_input_dtypes(model: nn.Module, plan: ParallelPlan, mesh=None):
+    """:func:`apply_parallelism` over ``model.blocks`` with the root's inputs left in their
+    dtype: the parallelize step of a transformer whose forward casts its own inputs and
+    keeps its diffusion time / noise level in fp32 for the sinusoids (bf16 would round it)."""
+    return apply_parallelism(model, list(model.blocks), plan, mesh, cast_root_inputs=False)

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from models.common.init import ParamInit
+
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
@@ -67,7 +69,18 @@ class PatchEmbedND(nn.Module):
         self.patch = tuple(patch)
         self.proj = _CONVS[len(patch)](in_channels, dim, kernel_size=self.patch, stride=self.patch)
 
+    def init_(self, init: ParamInit) -> None:
+        """Xavier-uniform weight as a (dim, C * prod(patch)) matrix (DiT), zero bias."""
+        init.xavier_uniform_(self.proj.weight)
+        init.zeros_(self.proj.bias)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """:meth:`forward` without the final copy: tokens are a transposed view of the conv's
+        (B, dim, N) output, for a caller that adds to them first (one copy, not two)."""
+        grid = patch_grid(x.shape[2:], self.patch)
+        return self.proj(x).flatten(2).transpose(1, 2), grid
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         """(B, C, S_1..S_A) -> tokens (B, N, dim) and the patch grid (for RoPE, unpatchify)."""
-        grid = patch_grid(x.shape[2:], self.patch)
-        return self.proj(x).flatten(2).transpose(1, 2).contiguous(), grid
+        tokens_BND, grid = self.project(x)
+        return tokens_BND.contiguous(), grid

@@ -355,11 +355,11 @@ def test_fsdp2_bf16_keeps_time_in_fp32(gloo_group, monkeypatch):
     plan = ParallelPlan(param_dtype="bf16")
     assert time_sensitivity(sharded_model(cfg, plan, gloo_group)) > 0
     # baseline: FSDP2 casting the root's inputs (t included) to bf16 loses the difference
-    import models.mmdit as mmdit_module
+    import models.common.parallelize as parallelize_module
 
-    original = mmdit_module.apply_parallelism
+    original = parallelize_module.apply_parallelism
     monkeypatch.setattr(
-        mmdit_module,
+        parallelize_module,
         "apply_parallelism",
         lambda *args, **kwargs: original(*args, **{**kwargs, "cast_root_inputs": True}),
     )
