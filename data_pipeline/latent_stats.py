@@ -25,8 +25,8 @@ from data_pipeline.loader import DataError, WebDatasetConfig, WebDatasetSource
 from models.autoencoders import (
     SCALE_KEY,
     SHIFT_KEY,
-    PretrainedKLVAEConfig,
     build_autoencoder,
+    pretrained_config,
     read_export,
 )
 
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m data_pipeline.latent_stats", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
-        "autoencoder", type=Path, help=".safetensors from trainer.export (kl_vae run)"
+        "autoencoder", type=Path, help=".safetensors from trainer.export (kl_vae or dc_ae run)"
     )
     parser.add_argument(
         "--data", required=True, help="image shards (folder, brace pattern or s3://)"
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.images < 1 or args.batch < 1:
             raise ValueError("--images and --batch must be positive")
-        cfg = from_dict(PretrainedKLVAEConfig, {"path": str(args.autoencoder)})
+        cfg = pretrained_config(args.autoencoder)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         autoencoder = build_autoencoder(cfg).to(device)
         data = {"urls": args.data, "kind": "images", "keep_captions": False}

@@ -30,6 +30,10 @@ class Autoencoder(nn.Module, ABC):
 
     latent_channels: int = 3
     downsample: int = 1
+    # a trainable autoencoder's forward is (images, noise) -> (reconstruction, latent,
+    # log-variance): variational ones sample their posterior with noise (KL-VAE), the
+    # others take noise=None and give no log-variance (DC-AE)
+    variational: bool = False
 
     def __init__(self, scale: float = 1.0, shift: float = 0.0):
         super().__init__()

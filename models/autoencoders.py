@@ -1,26 +1,49 @@
 """The autoencoders a latent-diffusion recipe or the precompute can name, built frozen.
 
-``autoencoder: {name: identity}`` trains in pixel space; ``{name: kl_vae, path: FILE}``
-loads a KL-VAE: FILE is a ``.safetensors`` written by ``python -m trainer.export`` from a
-``kl_vae`` run (its metadata names the architecture, and, after
+``autoencoder: {name: identity}`` trains in pixel space; ``{name: kl_vae | dc_ae, path: FILE}``
+loads a KL-VAE or a DC-AE: FILE is a ``.safetensors`` written by ``python -m trainer.export``
+from a run of that family (its metadata names the architecture, and, after
 ``python -m data_pipeline.latent_stats``, the latent scale/shift), or a local diffusers
-``AutoencoderKL`` directory. Architecture keys written in the recipe must agree with the
+``AutoencoderKL`` / ``AutoencoderDC`` directory. Architecture keys written in the recipe must agree with the
 file's. Random weights only with ``random_init: true``.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from configlib import from_dict, option
+from models import dc_ae, kl_vae
 from models.autoencoder import Autoencoder, IdentityAutoencoder, IdentityAutoencoderConfig
-from models.kl_vae import KLVAE, KLVAEConfig, load_diffusers_checkpoint
+from models.dc_ae import DCAEConfig
+from models.kl_vae import KLVAEConfig
 
-ARCHITECTURE = ("channels", "layers_per_block", "latent_channels", "norm_groups", "quant_conv")
 SCALE_KEY, SHIFT_KEY = "latent_scale", "latent_shift"  # safetensors metadata
+
+
+@dataclass(frozen=True)
+class _Family:
+    config: type  # the architecture's config dataclass
+    model: type  # its Autoencoder
+    load_diffusers: Callable[[Path], tuple[Any, dict]]  # directory -> (config, state dict)
+    architecture: tuple[str, ...]  # keys that a recipe may repeat but not contradict
+
+
+FAMILIES: dict[str, _Family] = {
+    "kl_vae": _Family(
+        KLVAEConfig, kl_vae.KLVAE, kl_vae.load_diffusers_checkpoint,
+        ("channels", "layers_per_block", "latent_channels", "norm_groups", "quant_conv"),
+    ),
+    "dc_ae": _Family(
+        DCAEConfig, dc_ae.DCAE, dc_ae.load_diffusers_checkpoint,
+        ("channels", "encoder_layers", "decoder_layers", "blocks", "latent_channels",
+         "head_dim", "qkv_kernels", "decoder_norms", "decoder_acts"),
+    ),
+}  # fmt: skip
 
 
 @dataclass(kw_only=True)
@@ -28,21 +51,23 @@ class AutoencoderSection:
     """Tagged union over autoencoders (filled below)."""
 
     REGISTRY: ClassVar[dict[str, type]] = {}
-    name: str = option(doc="Autoencoder: 'identity' (pixel space) or 'kl_vae'.")
+    name: str = option(doc="Autoencoder: 'identity' (pixel space), 'kl_vae' or 'dc_ae'.")
 
 
 @dataclass(kw_only=True)
-class PretrainedKLVAEConfig(KLVAEConfig):
+class _Pretrained:
+    """Where a trained autoencoder's weights come from (mixed into each family's config)."""
+
     path: str | None = option(
         None,
-        "Weights: a .safetensors from trainer.export of a kl_vae run, or a local diffusers "
-        "AutoencoderKL directory.",
+        "Weights: a .safetensors from trainer.export of a run of this family, or a local "
+        "diffusers AutoencoderKL / AutoencoderDC directory.",
     )
     random_init: bool = option(False, "Random weights instead of path (tests and demos only).")
     seed: int = option(0, "Seed of random-init weights.")
 
     def check(self, given: set[str]) -> list[tuple[str, str]]:
-        out = super().check(given)
+        out = super().check(given)  # the architecture's own checks
         if self.random_init == (self.path is not None):
             out.append(("path", "give exactly one of path and random_init: true"))
         if not self.random_init and "seed" in given:
@@ -50,9 +75,20 @@ class PretrainedKLVAEConfig(KLVAEConfig):
         return out
 
 
+@dataclass(kw_only=True)
+class PretrainedKLVAEConfig(_Pretrained, KLVAEConfig):
+    pass
+
+
+@dataclass(kw_only=True)
+class PretrainedDCAEConfig(_Pretrained, DCAEConfig):
+    pass
+
+
 AutoencoderSection.REGISTRY.update(
-    {"identity": IdentityAutoencoderConfig, "kl_vae": PretrainedKLVAEConfig}
-)
+    {"identity": IdentityAutoencoderConfig, "kl_vae": PretrainedKLVAEConfig,
+     "dc_ae": PretrainedDCAEConfig}
+)  # fmt: skip
 
 
 def read_export(path: str | Path) -> tuple[dict, dict]:
@@ -67,11 +103,35 @@ def read_export(path: str | Path) -> tuple[dict, dict]:
     return tensors, meta
 
 
-def _merged(cfg: PretrainedKLVAEConfig, stored: KLVAEConfig, where: str) -> KLVAEConfig:
+def exported_family(meta: dict, path: Path) -> str:
+    """The autoencoder family an exported file's metadata names."""
+    if "model" not in meta:
+        raise ValueError(
+            f"autoencoder.path: {path} does not say which network it holds (export it "
+            "with python -m trainer.export from the autoencoder's run directory)"
+        )
+    name = json.loads(meta["model"]).get("name")
+    if name not in FAMILIES:
+        raise ValueError(
+            f"autoencoder.path: {path} holds a {name!r} model, not an autoencoder ({sorted(FAMILIES)})"
+        )
+    return name
+
+
+def pretrained_config(path: str | Path) -> _Pretrained:
+    """The recipe section for an exported autoencoder file, its family read from the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"autoencoder: {path} not found")
+    name = exported_family(read_export(path)[1], path)
+    return from_dict(AutoencoderSection.REGISTRY[name], {"path": str(path)})
+
+
+def _merged(cfg: _Pretrained, stored, family: _Family, where: str):
     """The stored architecture, checked against what the recipe wrote explicitly."""
     clash = [
         f"{key}: recipe {getattr(cfg, key)!r}, {where} {stored.dims()[key]!r}"
-        for key in ARCHITECTURE
+        for key in family.architecture
         if getattr(cfg, key) is not None and getattr(cfg, key) != stored.dims()[key]
     ]
     if clash:
@@ -83,10 +143,11 @@ def build_autoencoder(cfg) -> Autoencoder:
     """The frozen autoencoder ``cfg`` names, weights loaded, in eval mode."""
     if isinstance(cfg, IdentityAutoencoderConfig):
         return IdentityAutoencoder(cfg.scale, cfg.shift).eval().requires_grad_(False)
-    if not isinstance(cfg, PretrainedKLVAEConfig):
+    if not isinstance(cfg, _Pretrained) or cfg.name not in FAMILIES:
         raise ValueError(f"unknown autoencoder {getattr(cfg, 'name', cfg)!r}")
+    family = FAMILIES[cfg.name]
     if cfg.random_init:
-        model = KLVAE(cfg)
+        model = family.model(cfg)
         model.init_weights(cfg.seed)
         return model.eval().requires_grad_(False)
     path = Path(cfg.path)
@@ -94,26 +155,24 @@ def build_autoencoder(cfg) -> Autoencoder:
         raise FileNotFoundError(f"autoencoder.path: {path} not found")
     scale, shift = cfg.scale, cfg.shift
     if path.is_dir():
-        stored, state = load_diffusers_checkpoint(path)
+        stored, state = family.load_diffusers(path)
     else:
         state, meta = read_export(path)
-        if "model" not in meta:
-            raise ValueError(
-                f"autoencoder.path: {path} does not say which network it holds (export it "
-                "with python -m trainer.export from the kl_vae run directory)"
-            )
-        names = {f.name for f in fields(KLVAEConfig)}
+        held = exported_family(meta, path)
+        if held != cfg.name:
+            raise ValueError(f"autoencoder.path: {path} holds a {held} model, not a {cfg.name}")
+        names = {f.name for f in fields(family.config)}
         data = {k: v for k, v in json.loads(meta["model"]).items() if k in names}
-        stored = from_dict(KLVAEConfig, data, source=str(path))
+        stored = from_dict(family.config, data, source=str(path))
         scale = scale if scale is not None else _float(meta.get(SCALE_KEY))
         shift = shift if shift is not None else _float(meta.get(SHIFT_KEY))
-    arch = _merged(cfg, stored, str(path))
-    fixed = {f.name: getattr(arch, f.name) for f in fields(KLVAEConfig)}
+    arch = _merged(cfg, stored, family, str(path))
+    fixed = {f.name: getattr(arch, f.name) for f in fields(family.config)}
     fixed.update(
         scale=scale if scale is not None else arch.scale,
         shift=shift if shift is not None else arch.shift,
     )
-    model = KLVAE(KLVAEConfig(**fixed))
+    model = family.model(family.config(**fixed))
     model.load_state_dict(state)
     return model.eval().requires_grad_(False)
 

@@ -226,6 +226,8 @@ class KLVAE(Autoencoder):
     """Trainable: ``forward`` gives (reconstruction, mean, logvar) from a posterior sample;
     ``encode`` / ``decode`` (from the frozen-autoencoder interface) use the mean."""
 
+    variational = True
+
     def __init__(self, cfg: KLVAEConfig):
         d = cfg.dims()
         super().__init__(scale=d["scale"], shift=d["shift"])

@@ -436,6 +436,12 @@ class Config:
                     f"{model_context} differs from objective.conditioning.context_dim ({conditioning.context_dim})",
                 )
             )
+        if (
+            self.objective.name == "autoencoding"
+            and self.model.name == "dc_ae"
+            and "objective.kl_weight" in given
+        ):
+            out.append(("objective.kl_weight", "has no effect: a DC-AE has no posterior (no KL)"))
         if self.objective.name not in TEXT_OBJECTIVES:
             for key in ("text_checks", "gen_ppl_run"):
                 if f"eval.{key}" in given:

@@ -753,3 +753,19 @@ def test_input_check_looks_up_autoencoder_and_perceptual_weights(tmp_path):
     assert f"objective.autoencoder.path: {tmp_path}/vae.safetensors does not exist" in (
         check_inputs(latent)
     )
+
+
+def test_dc_ae_recipe_rejects_a_kl_weight(tmp_path):
+    """A DC-AE is deterministic: a KL weight written for it would silently do nothing."""
+    from configlib import ConfigError
+
+    recipe = REPO / "recipes" / "tiny" / "dcae.yaml"
+    cfg = load_config(recipe, [f"run.output_dir={tmp_path}"])
+    assert cfg.model.name == "dc_ae" and cfg.model.dims()["latent_channels"] == 4
+    with pytest.raises(ConfigError, match="objective.kl_weight: has no effect: a DC-AE"):
+        load_config(recipe, [f"run.output_dir={tmp_path}", "objective.kl_weight=1e-6"])
+    # the same key is fine for the KL-VAE
+    load_config(
+        REPO / "recipes" / "tiny" / "vae.yaml",
+        [f"run.output_dir={tmp_path}", "objective.kl_weight=1e-6"],
+    )

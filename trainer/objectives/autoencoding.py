@@ -19,6 +19,9 @@ real images against the (detached) reconstructions. Before ``gan_start_step`` bo
 adversarial terms are 0 (the discriminator's optimizer has no weight decay, so a zero
 gradient leaves it exactly as initialised).
 
+A deterministic autoencoder (DC-AE: ``model.variational`` false) has no KL term and no
+posterior noise; the rest is the same.
+
 Posterior noise is drawn per sample from ``sample_seed(seed, step, index)``, so training
 is the same function of the data on any number of ranks.
 """
@@ -150,7 +153,11 @@ class Autoencoding(Objective):
             out["perceptual"] = ExtraModule(self.perceptual, trainable=False)
         return out
 
-    def _noise(self, model: nn.Module, x: torch.Tensor, batch: dict, step: int) -> torch.Tensor:
+    def _noise(
+        self, model: nn.Module, x: torch.Tensor, batch: dict, step: int
+    ) -> torch.Tensor | None:
+        if not model.variational:
+            return None  # a deterministic autoencoder (DC-AE) has no posterior to sample
         shape = model.latent_shape(x.shape[1], *x.shape[-2:])
         if "index" not in batch:
             return torch.randn((x.shape[0], *shape), generator=self.generator).to(x.device)
@@ -190,9 +197,11 @@ class Autoencoding(Objective):
         recon, mean, logvar = model(x, self._noise(model, x, batch, step))
         diff = recon - x
         rec = diff.abs().mean() if self.cfg.reconstruction == "l1" else diff.square().mean()
-        kl = kl_divergence(mean.float(), logvar.float()).mean()
-        loss = rec + self.cfg.kl_weight * kl / x[0].numel()
-        logs = {"rec": float(rec.detach()), "kl": float(kl.detach())}
+        loss, logs = rec, {"rec": float(rec.detach())}
+        if logvar is not None:  # variational: the KL of the posterior to N(0, 1)
+            kl = kl_divergence(mean.float(), logvar.float()).mean()
+            loss = loss + self.cfg.kl_weight * kl / x[0].numel()
+            logs["kl"] = float(kl.detach())
         if self.perceptual is not None:
             perc = modules["perceptual"](recon, x)
             loss = loss + self.cfg.perceptual_weight * perc
@@ -225,7 +234,11 @@ class Autoencoding(Objective):
         up to 8 originals over their reconstructions."""
         model = ctx.modules["model"]
         x = ctx.data.eval_images(self.cfg.eval_images).to(ctx.device)
-        noise = torch.zeros((x.shape[0], *model.latent_shape(3, *x.shape[-2:])), device=ctx.device)
+        noise = None
+        if model.variational:  # the posterior mean
+            noise = torch.zeros(
+                (x.shape[0], *model.latent_shape(3, *x.shape[-2:])), device=ctx.device
+            )
         recon = model(x, noise)[0].float().clamp(-1, 1)
         if ctx.rank != 0:
             return {}
