@@ -16,7 +16,7 @@ from configlib import from_dict
 from data_pipeline.loader import WebDatasetConfig, WebDatasetSource
 from trainer import distributed as D
 from trainer.loop import Trainer
-from trainer.objectives.autoencoding import psnr
+from trainer.objectives.autoencoding import psnr, ssim
 from trainer.registry import load_config
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -76,10 +76,11 @@ def train_and_judge(tmp_path_factory, digits, recipe: str):
     try:
         untrained = psnr(reconstruct(trainer.modules["model"], images), images)
         assert trainer.run() == 0
-        trained_db = psnr(reconstruct(trainer.modules["model"], images), images)
+        recon = reconstruct(trainer.modules["model"], images)
+        trained_db, trained_ssim = psnr(recon, images), ssim(recon, images)
     finally:
         D.close()
-    return run, untrained, trained_db
+    return run, untrained, trained_db, trained_ssim
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +89,7 @@ def trained(tmp_path_factory, digits):
 
 
 def assert_beats_the_baseline(trained, digits):
-    run, untrained, trained_db = trained
+    run, untrained, trained_db, trained_ssim = trained
     images = heldout(digits)
     assert images.shape == (297, 3, 16, 16)
     baseline = psnr(bicubic_baseline(images), images)
@@ -96,7 +97,9 @@ def assert_beats_the_baseline(trained, digits):
     assert untrained < baseline + MARGIN_DB, "the untrained model must fail the same bar"
     assert untrained < UNTRAINED_MAX_PSNR
     assert trained_db > max(TRAINED_MIN_PSNR, baseline + MARGIN_DB), (trained_db, baseline)
+    assert trained_ssim > ssim(bicubic_baseline(images), images) + 0.1, trained_ssim
     assert (run / "samples" / "reconstructions_step00000200.png").exists()
+    assert "eval/ssim" in [r for r in read_metrics(run) if "eval/psnr" in r][-1]
     return [r for r in read_metrics(run) if "loss" in r]
 
 
@@ -113,7 +116,9 @@ def test_dc_ae_learns_to_reconstruct_the_digits(tmp_path_factory, digits):
     """The tiny DC-AE (f4, 4x4x4 latents: the VAE's 64 values) clears the same bar, with no
     KL term, its GAN from step 100."""
     trained = train_and_judge(tmp_path_factory, digits, DCAE_RECIPE)
-    print(f"DC-AE held-out PSNR: untrained {trained[1]:.1f} dB, trained {trained[2]:.1f} dB")
+    print(
+        f"DC-AE held-out: untrained {trained[1]:.1f} dB, trained {trained[2]:.1f} dB, SSIM {trained[3]:.3f}"
+    )
     records = assert_beats_the_baseline(trained, digits)
     assert not any("kl" in r for r in records)
     assert all(r["g_weight"] == 0.0 for r in records if r["step"] <= 100)
@@ -125,7 +130,7 @@ def test_export_latent_stats_and_use_as_a_frozen_autoencoder(trained, digits, tm
     autoencoder gives unit-variance latents that decode back to the images."""
     from models.autoencoders import PretrainedKLVAEConfig, build_autoencoder, read_export
 
-    run, _, _ = trained
+    run = trained[0]
     out = tmp_path / "vae.safetensors"
     export = run_module("trainer.export", str(run), "--out", str(out), "--weights", "model")
     assert export.returncode == 0, export.stderr[-3000:]

@@ -13,6 +13,7 @@ from trainer.objectives.autoencoding import (
     AutoencodingConfig,
     FeatureLoss,
     psnr,
+    ssim,
 )
 
 
@@ -63,3 +64,44 @@ def test_psnr_of_known_errors():
     x = torch.zeros(1, 3, 4, 4)
     assert psnr(x + 0.02, x) == pytest.approx(10 * torch.log10(torch.tensor(4 / 4e-4)).item())
     assert psnr(x, x) > 100
+
+
+def _ssim_direct(x, y, window=11, sigma=1.5):
+    """SSIM by the definition, window by window in float64 (the slow reference)."""
+    import math
+
+    taps = [math.exp(-((i - (window - 1) / 2) ** 2) / (2 * sigma**2)) for i in range(window)]
+    total = sum(taps)
+    w = torch.tensor([[a * b / total**2 for b in taps] for a in taps], dtype=torch.float64)
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    values = []
+    for b in range(x.shape[0]):
+        for c in range(x.shape[1]):
+            for i in range(x.shape[2] - window + 1):
+                for j in range(x.shape[3] - window + 1):
+                    px = x[b, c, i : i + window, j : j + window].double()
+                    py = y[b, c, i : i + window, j : j + window].double()
+                    mx, my = (w * px).sum(), (w * py).sum()
+                    vx = (w * (px - mx) ** 2).sum()
+                    vy = (w * (py - my) ** 2).sum()
+                    cxy = (w * (px - mx) * (py - my)).sum()
+                    num = (2 * mx * my + c1) * (2 * cxy + c2)
+                    values.append(float(num / ((mx**2 + my**2 + c1) * (vx + vy + c2))))
+    return sum(values) / len(values)
+
+
+def test_ssim_matches_the_definition_and_orders_distortions():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 14, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    assert ssim(y, x) == pytest.approx(_ssim_direct(y, x), abs=1e-5)
+    assert ssim(x, x) == pytest.approx(1.0, abs=1e-6)
+    noisier = (x + 0.6 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    other = torch.rand(x.shape, generator=g) * 2 - 1  # unrelated images
+    assert ssim(x, x) > ssim(y, x) > ssim(noisier, x) > ssim(other, x)
+    assert abs(ssim(other, x)) < 0.1
+    # images smaller than the window use an odd window of their side
+    small = x[:, :, :8, :8]
+    assert ssim(0.8 * small, small) == pytest.approx(
+        _ssim_direct(0.8 * small, small, window=7), abs=1e-5
+    )

@@ -126,6 +126,29 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> float:
     return 10.0 * float(np.log10(4.0 / max(mse, 1e-12)))
 
 
+def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 11, sigma: float = 1.5) -> float:
+    """Mean structural similarity (Wang et al. 2004) of images in [-1, 1] (B, C, H, W):
+    Gaussian-weighted local means, variances and covariance over every full window
+    (no padding), K1 = 0.01, K2 = 0.03, data range 2, averaged over channels and images.
+    Images smaller than ``window`` use a window of their smaller side (odd)."""
+    x, y = x.float().clamp(-1, 1), y.float()
+    side = min(window, *x.shape[-2:])
+    side -= 1 - side % 2
+    taps = torch.arange(side, dtype=torch.float64) - (side - 1) / 2
+    g = torch.exp(-(taps**2) / (2 * sigma**2))
+    g = (g / g.sum()).float().to(x.device)
+    kernel = (g[:, None] * g[None, :]).expand(x.shape[1], 1, side, side)
+
+    def blur(v: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(v, kernel, groups=x.shape[1])
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    ssim_map = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(ssim_map.mean())
+
+
 class Autoencoding(Objective):
     def __init__(self, cfg: AutoencodingConfig, *, seed: int, rank: int, device: torch.device):
         self.cfg, self.seed, self.device = cfg, seed, device
@@ -230,7 +253,7 @@ class Autoencoding(Objective):
 
     @torch.no_grad()
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
-        """Reconstructions (posterior mean) of a fixed image set: PSNR, L1 and a grid of
+        """Reconstructions (posterior mean) of a fixed image set: PSNR, SSIM, L1 and a grid of
         up to 8 originals over their reconstructions."""
         model = ctx.modules["model"]
         x = ctx.data.eval_images(self.cfg.eval_images).to(ctx.device)
@@ -250,7 +273,11 @@ class Autoencoding(Objective):
             pairs = torch.cat([x[:rows].cpu(), recon[:rows].cpu()]).numpy()
             path = ctx.out_dir / f"reconstructions_step{ctx.step:08d}.png"
             save_grid(pairs, path, columns=rows, row_labels=["original", "reconstructed"])
-        return {"eval/psnr": psnr(recon, x), "eval/l1": float((recon - x).abs().mean())}
+        return {
+            "eval/psnr": psnr(recon, x),
+            "eval/ssim": ssim(recon, x),
+            "eval/l1": float((recon - x).abs().mean()),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}

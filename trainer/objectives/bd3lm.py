@@ -31,7 +31,6 @@ from trainer.objectives.discrete import (
     MaskedDiffusionConfig,
     MaskedDiffusionObjective,
     masked_cross_entropy,
-    per_token,
     time_conditioning,
 )
 from trainer.samplers.discrete import semi_autoregressive
@@ -80,8 +79,7 @@ class BD3LM(MaskedDiffusionObjective):
         self, model: nn.Module, x0_BL: torch.Tensor, t_BN: torch.Tensor, u_mask_BL: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         length = x0_BL.shape[1]
-        t_BL = per_token(t_BN, length, self.cfg.block_size)
-        x_t, masked = self.corrupt(x0_BL, t_BL, u_mask_BL)
+        t_BL, x_t, masked = self.corrupt_blocks(x0_BL, t_BN, u_mask_BL, self.cfg.block_size)
         sigma_BL = self.schedule.total(t_BL).to(self.device, torch.float32)
         sigma_B2L = torch.cat([sigma_BL, torch.zeros_like(sigma_BL)], dim=1)
         positions = torch.arange(length, device=self.device).repeat(2)

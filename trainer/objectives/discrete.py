@@ -358,6 +358,18 @@ class MaskedDiffusionObjective(TokenObjective):
         masked = masked.to(x0_BL.device)
         return torch.where(masked, torch.full_like(x0_BL, self.mask_id), x0_BL), masked
 
+    def corrupt_blocks(
+        self, x0_BL: torch.Tensor, t_BN: torch.Tensor, u_mask_BL: torch.Tensor, block_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(t_BL, x_t, masked): each block of ``block_size`` tokens at its own time of
+        t_BN (one block per sequence for MDLM / SEDD), then :meth:`corrupt`."""
+        t_BL = per_token(t_BN, x0_BL.shape[1], block_size)
+        return (t_BL, *self.corrupt(x0_BL, t_BL, u_mask_BL))
+
+    def sequence_sigma(self, t_BN: torch.Tensor) -> torch.Tensor:
+        """The total noise (B,) at each sequence's time: the time-conditioned input."""
+        return self.schedule.total(t_BN[:, 0]).to(self.device, torch.float32)
+
     def masked_weight(self, t_BL: torch.Tensor, masked_BL: torch.Tensor) -> torch.Tensor:
         """w(t) where masked, exactly 0 elsewhere (no 0 * inf in the backward at t = 0)."""
         weight = self.schedule.weight(t_BL).to(masked_BL.device, torch.float32)

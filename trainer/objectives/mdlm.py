@@ -30,7 +30,6 @@ from trainer.objectives.discrete import (
     MaskedDiffusionObjective,
     ReverseRun,
     masked_cross_entropy,
-    per_token,
     real_logits,
 )
 from trainer.samplers.discrete import masked_ancestral
@@ -50,9 +49,8 @@ class MDLM(MaskedDiffusionObjective):
     def nelbo_terms(
         self, model: nn.Module, x0_BL: torch.Tensor, t_BN: torch.Tensor, u_mask_BL: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        t_BL = per_token(t_BN, x0_BL.shape[1], x0_BL.shape[1])
-        x_t, masked = self.corrupt(x0_BL, t_BL, u_mask_BL)
-        sigma_B = self.schedule.total(t_BN[:, 0]).to(self.device, torch.float32)
+        t_BL, x_t, masked = self.corrupt_blocks(x0_BL, t_BN, u_mask_BL, x0_BL.shape[1])
+        sigma_B = self.sequence_sigma(t_BN)
         ce = masked_cross_entropy(model(x_t, sigma_B), x0_BL, self.mask_id)
         return self.masked_weight(t_BL, masked) * ce, masked
 
