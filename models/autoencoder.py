@@ -56,6 +56,24 @@ class Autoencoder(nn.Module, ABC):
     def decode(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
         return self.decode_raw(latents_BCHW / self.scale + self.shift)
 
+    def check_images(self, images_BCHW: torch.Tensor, in_channels: int) -> None:
+        """One clear error for images of the wrong layout or a size the factor does not divide."""
+        if images_BCHW.ndim != 4 or images_BCHW.shape[1] != in_channels:
+            raise ValueError(
+                f"expected images (B, {in_channels}, H, W), got {tuple(images_BCHW.shape)}"
+            )
+        h, w = images_BCHW.shape[-2:]
+        if h % self.downsample or w % self.downsample:
+            raise ValueError(
+                f"image size {h}x{w} is not divisible by the downsampling factor {self.downsample}"
+            )
+
+    def check_latents(self, latents_BChw: torch.Tensor) -> None:
+        if latents_BChw.ndim != 4 or latents_BChw.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"expected latents (B, {self.latent_channels}, h, w), got {tuple(latents_BChw.shape)}"
+            )
+
     def latent_shape(self, channels: int, height: int, width: int) -> tuple[int, int, int]:
         return (self.latent_channels, height // self.downsample, width // self.downsample)
 

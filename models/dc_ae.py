@@ -393,26 +393,12 @@ class DCAE(Autoencoder):
         self.encoder = Encoder(d, cfg.in_channels)
         self.decoder = Decoder(d, cfg.in_channels)
 
-    def _check_size(self, images_BCHW: torch.Tensor) -> None:
-        if images_BCHW.ndim != 4 or images_BCHW.shape[1] != self.cfg.in_channels:
-            raise ValueError(
-                f"expected images (B, {self.cfg.in_channels}, H, W), got {tuple(images_BCHW.shape)}"
-            )
-        h, w = images_BCHW.shape[-2:]
-        if h % self.downsample or w % self.downsample:
-            raise ValueError(
-                f"image size {h}x{w} is not divisible by the downsampling factor {self.downsample}"
-            )
-
     def encode_raw(self, images_BCHW: torch.Tensor) -> torch.Tensor:
-        self._check_size(images_BCHW)
+        self.check_images(images_BCHW, self.cfg.in_channels)
         return self.encoder(images_BCHW)
 
     def decode_raw(self, latents_BChw: torch.Tensor) -> torch.Tensor:
-        if latents_BChw.ndim != 4 or latents_BChw.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"expected latents (B, {self.latent_channels}, h, w), got {tuple(latents_BChw.shape)}"
-            )
+        self.check_latents(latents_BChw)
         return self.decoder(latents_BChw)
 
     def forward(

@@ -240,20 +240,9 @@ class KLVAE(Autoencoder):
         self.quant_conv = nn.Conv2d(moments, moments, 1) if d["quant_conv"] else None
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if d["quant_conv"] else None
 
-    def _check_size(self, images_BCHW: torch.Tensor) -> None:
-        if images_BCHW.ndim != 4 or images_BCHW.shape[1] != self.cfg.in_channels:
-            raise ValueError(
-                f"expected images (B, {self.cfg.in_channels}, H, W), got {tuple(images_BCHW.shape)}"
-            )
-        h, w = images_BCHW.shape[-2:]
-        if h % self.downsample or w % self.downsample:
-            raise ValueError(
-                f"image size {h}x{w} is not divisible by the downsampling factor {self.downsample}"
-            )
-
     def encode_moments(self, images_BCHW: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and (clamped) log-variance, each (B, C, H/f, W/f)."""
-        self._check_size(images_BCHW)
+        self.check_images(images_BCHW, self.cfg.in_channels)
         moments = self.encoder(images_BCHW)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -264,10 +253,7 @@ class KLVAE(Autoencoder):
         return self.encode_moments(images_BCHW)[0]
 
     def decode_raw(self, latents_BCHW: torch.Tensor) -> torch.Tensor:
-        if latents_BCHW.ndim != 4 or latents_BCHW.shape[1] != self.latent_channels:
-            raise ValueError(
-                f"expected latents (B, {self.latent_channels}, h, w), got {tuple(latents_BCHW.shape)}"
-            )
+        self.check_latents(latents_BCHW)
         if self.post_quant_conv is not None:
             latents_BCHW = self.post_quant_conv(latents_BCHW)
         return self.decoder(latents_BCHW)
