@@ -29,7 +29,6 @@ Shapes: B batch, C channels, H, W pixels; h, w = H/f, W/f.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -413,18 +412,7 @@ class DCAE(Autoencoder):
     def init_weights(self, seed: int) -> None:
         """PyTorch's default conv/linear init (uniform within 1/sqrt(fan_in)), unit norms,
         fresh BatchNorm statistics; each parameter from its own name-seeded generator."""
-        init = ParamInit(self, seed)
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                bound = 1.0 / math.sqrt(math.prod(module.weight.shape[1:]))
-                init.uniform_(module.weight, -bound, bound)
-                if module.bias is not None:
-                    init.uniform_(module.bias, -bound, bound)
-            elif isinstance(module, (ChannelRMSNorm, nn.BatchNorm2d)):
-                init.ones_(module.weight)
-                init.zeros_(module.bias)
-                if isinstance(module, nn.BatchNorm2d):
-                    module.reset_running_stats()
+        ParamInit(self, seed).torch_defaults_(self, (ChannelRMSNorm, nn.BatchNorm2d))
 
 
 def build(cfg: DCAEConfig) -> DCAE:

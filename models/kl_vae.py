@@ -19,7 +19,6 @@ preset's ``scale`` / ``shift``: SD3 uses 1.5305 / 0.0609); ``decode`` inverts it
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,14 +278,7 @@ class KLVAE(Autoencoder):
     def init_weights(self, seed: int) -> None:
         """PyTorch's default conv/linear init (uniform within 1/sqrt(fan_in)), unit norms;
         each parameter drawn from its own name-seeded generator (same under any sharding)."""
-        init = ParamInit(self, seed)
-        for module in self.modules():
-            if isinstance(module, (nn.Conv2d, nn.Linear)):
-                bound = 1.0 / math.sqrt(math.prod(module.weight.shape[1:]))
-                init.uniform_(module.weight, -bound, bound)
-                init.uniform_(module.bias, -bound, bound)
-            elif isinstance(module, nn.GroupNorm):
-                init.layer_norm_(module)
+        ParamInit(self, seed).torch_defaults_(self, (nn.GroupNorm,))
 
 
 def kl_divergence(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,21 @@ class ParamInit:
             if isinstance(module, kinds):
                 module.init_(self)
 
+    def torch_defaults_(self, model: nn.Module, norms: tuple[type[nn.Module], ...]) -> None:
+        """PyTorch's own default for every conv and Linear (weight and bias uniform within
+        1 / sqrt(fan_in)) and ``layer_norm_`` for every module of ``norms``; BatchNorm
+        running statistics start fresh (the conv autoencoders' initialisation)."""
+        for module in model.modules():
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                bound = 1.0 / math.sqrt(math.prod(module.weight.shape[1:]))
+                self.uniform_(module.weight, -bound, bound)
+                if module.bias is not None:
+                    self.uniform_(module.bias, -bound, bound)
+            elif isinstance(module, norms):
+                self.layer_norm_(module)
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.reset_running_stats()
+
     def defaults_(self, model: nn.Module) -> None:
         """Every Linear as ``linear_`` (xavier-uniform, zero bias), every LayerNorm /
         RMSNorm as ``layer_norm_``; families then override the special cases (a later

@@ -321,20 +321,14 @@ class KnowsTrue:
 
 def confidence(fake, mask_id, *, steps, generator=None, start=None, **options):
     from trainer.objectives.discrete import LogLinearSchedule
-    from trainer.samplers.discrete import masked_confidence
+    from trainer.samplers.discrete import MaskedSteps, masked_confidence
 
     if start is None:
         start = torch.full((3, len(TRUE)), mask_id)
     generator = generator or torch.Generator().manual_seed(0)
-    return masked_confidence(
-        fake,
-        start,
-        LogLinearSchedule(),
-        steps=steps,
-        mask_id=mask_id,
-        generator=generator,
-        **options,
-    )
+    top_p = options.pop("top_p", 1.0)
+    how = MaskedSteps(LogLinearSchedule(), steps, mask_id, generator, top_p)
+    return masked_confidence(fake, start, how, **options)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

@@ -21,7 +21,12 @@ from torch import nn
 from torch.nn import functional as F
 
 from configlib import option
-from trainer.objectives.discrete import TokenLMConfig, TokenObjective, time_conditioning
+from trainer.objectives.discrete import (
+    TokenLMConfig,
+    TokenObjective,
+    TokenRequest,
+    time_conditioning,
+)
 from trainer.samplers.discrete import autoregressive
 
 
@@ -85,30 +90,19 @@ class AR(TokenObjective):
         self.check_model(model)
         return self.token_nll(model, tokens_BL).sum(1)
 
-    @torch.no_grad()
-    def generate(
-        self,
-        model: nn.Module,
-        num: int,
-        length: int,
-        *,
-        steps: int | None = None,
-        generator: torch.Generator,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        kv_cache: bool = True,
+    def sample_tokens(
+        self, req: TokenRequest, *, temperature: float | None = None, kv_cache: bool = True
     ) -> torch.Tensor:
-        """``num`` sequences of ``length`` tokens, one token per network call (``steps``
-        is ignored); ``kv_cache`` false recomputes the prefix each step."""
-        self.check_model(model)
+        """One token per network call (``req.steps`` is ignored); ``kv_cache`` false
+        recomputes the prefix each step."""
         return autoregressive(
-            model,
-            num,
-            length,
+            req.model,
+            req.num,
+            req.length,
             bos_id=self.bos_id,
-            generator=generator,
+            generator=req.generator,
             temperature=self.cfg.temperature if temperature is None else temperature,
-            top_p=self.cfg.top_p if top_p is None else top_p,
+            top_p=req.top_p,
             kv_cache=kv_cache,
             device=self.device,
         )

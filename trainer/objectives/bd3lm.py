@@ -30,6 +30,7 @@ from trainer.objectives.absorbing import block_causal_mask, block_diffusion_mask
 from trainer.objectives.discrete import (
     MaskedDiffusionConfig,
     MaskedDiffusionObjective,
+    TokenRequest,
     masked_cross_entropy,
     time_conditioning,
 )
@@ -92,36 +93,25 @@ class BD3LM(MaskedDiffusionObjective):
         ce = masked_cross_entropy(logits, x0_BL, self.mask_id)
         return self.masked_weight(t_BL, masked) * ce, masked
 
-    @torch.no_grad()
-    def generate(
+    def sample_tokens(
         self,
-        model: nn.Module,
-        num: int,
-        length: int,
+        req: TokenRequest,
         *,
-        steps: int,
-        generator: torch.Generator,
         block_size: int | None = None,
-        top_p: float | None = None,
         cache: bool = True,
         kv_cache: bool = True,
     ) -> torch.Tensor:
-        """``num`` sequences of ``length`` tokens, block by block, ``steps`` ancestral
-        steps per block. ``cache``: reuse the network's output after a step that changed
-        nothing (no time conditioning only); ``kv_cache``: false recomputes the prefix
-        every pass (the reference the cached path must match)."""
-        self.check_model(model)
+        """Block by block, ``req.steps`` ancestral steps per block. ``cache``: reuse the
+        network's output after a step that changed nothing (no time conditioning only);
+        ``kv_cache``: false recomputes the prefix every pass (the reference the cached
+        path must match)."""
         return semi_autoregressive(
-            model,
-            num,
-            length,
+            req.model,
+            req.num,
+            req.length,
+            self.masked_steps(req),
             block_size=block_size or self.cfg.block_size,
-            steps=steps,
-            schedule=self.schedule,
-            mask_id=self.mask_id,
-            generator=generator,
-            top_p=self.cfg.top_p if top_p is None else top_p,
-            reuse_unchanged=cache and time_conditioning(model) is False,
+            reuse_unchanged=cache and time_conditioning(req.model) is False,
             kv_cache=kv_cache,
             device=self.device,
         )

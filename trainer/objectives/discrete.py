@@ -50,7 +50,7 @@ from trainer.objectives.absorbing import (  # noqa: F401  (LogLinearSchedule, Ge
     real_logits,
 )
 from trainer.objectives.base import EvalContext, Objective, sample_seed
-from trainer.samplers.discrete import masked_confidence
+from trainer.samplers.discrete import MaskedSteps, masked_confidence
 
 MASK_PIECE = "[MASK]"
 _GOLDEN_64 = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: the Weyl step with the best spread
@@ -178,6 +178,20 @@ def load_tokenizer(url: str, *, need_mask: bool) -> tuple[Tokenizer, int | None]
         ) from None
 
 
+@dataclass(frozen=True)
+class TokenRequest:
+    """What ``TokenObjective.generate`` hands the family's ``sample_tokens``: ``num``
+    sequences of ``length`` tokens from the (checked) ``model``, ``steps`` (None: the
+    family's default, if it has one), every draw from ``generator``, the resolved top-p."""
+
+    model: nn.Module
+    num: int
+    length: int
+    steps: int | None
+    generator: torch.Generator
+    top_p: float
+
+
 class TokenObjective(Objective):
     """Tokenizer, vocabulary checks and the checkpointed per-rank generator."""
 
@@ -202,6 +216,31 @@ class TokenObjective(Objective):
                 f"{self.vocab_size} ids ([MASK] included): set model.vocab_size: {self.vocab_size}"
             )
 
+    @torch.no_grad()
+    def generate(
+        self,
+        model: nn.Module,
+        num: int,
+        length: int,
+        *,
+        steps: int | None = None,
+        generator: torch.Generator,
+        top_p: float | None = None,
+        **options: Any,
+    ) -> torch.Tensor:
+        """``num`` sequences of ``length`` tokens from ``model`` (checked first), every draw
+        from ``generator``, revealed tokens cut to the ``top_p`` nucleus (default: the
+        recipe's); ``steps`` and ``options`` as the family's ``sample_tokens`` takes them."""
+        self.check_model(model)
+        top_p = self.cfg.top_p if top_p is None else top_p
+        return self.sample_tokens(
+            TokenRequest(model, num, length, steps, generator, top_p), **options
+        )
+
+    @abstractmethod
+    def sample_tokens(self, req: TokenRequest, **options: Any) -> torch.Tensor:
+        """The family's sampler for ``generate``; its keyword options are the family's own."""
+
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         """Held-out NELBO / perplexity and decoded samples (trainer/objectives/text_eval.py)."""
         from trainer.objectives.text_eval import evaluate_lm
@@ -225,14 +264,12 @@ CONFIDENCE_SAMPLERS = {"confidence": 0.0, "pc": 0.25}
 class ReverseRun:
     """What a family's reverse sampler gets from ``generate``: the network as
     ``logits_fn(x_t, t)`` (fed sigma_bar(t) as in training), the all-[MASK] start, and
-    the resolved options."""
+    the shared sampler arguments."""
 
     sampler: str
     logits_fn: Callable[[torch.Tensor, float], torch.Tensor]
     start_BL: torch.Tensor
-    steps: int
-    generator: torch.Generator
-    top_p: float
+    how: MaskedSteps
     reuse_unchanged: bool
 
 
@@ -256,17 +293,17 @@ class MaskedDiffusionObjective(TokenObjective):
             )
         return name
 
-    @torch.no_grad()
-    def generate(
+    def masked_steps(self, req: TokenRequest) -> MaskedSteps:
+        """The shared sampler arguments of a request; ValueError without ``steps``."""
+        if req.steps is None:
+            raise ValueError(f"{type(self).__name__} sampling needs a step count (steps)")
+        return MaskedSteps(self.schedule, req.steps, self.mask_id, req.generator, req.top_p)
+
+    def sample_tokens(
         self,
-        model: nn.Module,
-        num: int,
-        length: int,
+        req: TokenRequest,
         *,
-        steps: int,
-        generator: torch.Generator,
         sampler: str | None = None,
-        top_p: float | None = None,
         temperature: float = 1.0,
         cache: bool = True,
     ) -> torch.Tensor:
@@ -276,31 +313,25 @@ class MaskedDiffusionObjective(TokenObjective):
         (``temperature``: its candidates). ``cache``: a reverse step may reuse the
         network's output after a step that changed nothing (no time conditioning only)."""
         sampler = self.sampler_name(sampler, temperature)
-        self.check_model(model)
+        how = self.masked_steps(req)
 
         def logits_fn(x_BL: torch.Tensor, t: float) -> torch.Tensor:
             sigma = float(self.schedule.total(torch.tensor(t, dtype=torch.float64)))
-            return model(x_BL, torch.full((num,), sigma, device=self.device))
+            return req.model(x_BL, torch.full((req.num,), sigma, device=self.device))
 
-        start = torch.full((num, length), self.mask_id, dtype=torch.long, device=self.device)
-        top_p = self.cfg.top_p if top_p is None else top_p
+        shape = (req.num, req.length)
+        start = torch.full(shape, self.mask_id, dtype=torch.long, device=self.device)
         if sampler in CONFIDENCE_SAMPLERS:
             return masked_confidence(
                 lambda x_BL, t: real_logits(logits_fn(x_BL, t), self.mask_id).softmax(-1),
                 start,
-                self.schedule,
-                steps=steps,
-                mask_id=self.mask_id,
-                generator=generator,
-                top_p=top_p,
+                how,
                 temperature=temperature,
                 remask=CONFIDENCE_SAMPLERS[sampler],
                 t_end=self.sample_t_end(),
             )
-        reuse = cache and time_conditioning(model) is False
-        return self.reverse_sample(
-            ReverseRun(sampler, logits_fn, start, steps, generator, top_p, reuse_unchanged=reuse)
-        )
+        reuse = cache and time_conditioning(req.model) is False
+        return self.reverse_sample(ReverseRun(sampler, logits_fn, start, how, reuse))
 
     def sample_t_end(self) -> float:
         """Where the confidence samplers stop (0: the clean data)."""

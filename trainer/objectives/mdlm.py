@@ -59,10 +59,6 @@ class MDLM(MaskedDiffusionObjective):
         return masked_ancestral(
             lambda x_BL, t: real_logits(run.logits_fn(x_BL, t), self.mask_id).softmax(-1),
             run.start_BL,
-            self.schedule,
-            steps=run.steps,
-            mask_id=self.mask_id,
-            generator=run.generator,
-            top_p=run.top_p,
+            run.how,
             reuse_unchanged=run.reuse_unchanged,
         )

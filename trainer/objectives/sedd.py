@@ -113,11 +113,7 @@ class SEDD(MaskedDiffusionObjective):
         return score_sampler(
             run.logits_fn,
             run.start_BL,
-            self.schedule,
-            steps=run.steps,
-            mask_id=self.mask_id,
-            generator=run.generator,
+            run.how,
             method=run.sampler,
-            top_p=run.top_p,
             t_end=self.sample_t_end(),
         )

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,6 +35,19 @@ from trainer.objectives.absorbing import NoiseSchedule, as_times, block_causal_m
 ProbsFn = Callable[[torch.Tensor, float], torch.Tensor]
 # (x_t (B, L), t) -> raw network logits (B, L, V)
 LogitsFn = Callable[[torch.Tensor, float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MaskedSteps:
+    """The part of the signature every masked-diffusion sampler shares: ``steps`` equal
+    steps of ``schedule`` from t = 1, the [MASK] id, the generator every draw comes from,
+    and the nucleus (top-p) a revealed token is drawn from."""
+
+    schedule: NoiseSchedule
+    steps: int
+    mask_id: int
+    generator: torch.Generator
+    top_p: float = 1.0
 
 
 def top_p_filter(probs_NV: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -64,18 +78,15 @@ def reveal(
     x_BL: torch.Tensor,
     probs_BLV: torch.Tensor,
     reveal_prob: float | torch.Tensor,
-    *,
-    mask_id: int,
-    generator: torch.Generator,
-    top_p: float = 1.0,
+    how: MaskedSteps,
 ) -> torch.Tensor:
     """One step: each masked position is revealed with ``reveal_prob`` (scalar or (B, L))
     and takes a token from its row of ``probs_BLV`` (cut to the top-p nucleus)."""
-    u = _uniforms(generator, (2, *x_BL.shape), x_BL.device)
-    chosen = (x_BL == mask_id) & (u[0] < reveal_prob)
+    u = _uniforms(how.generator, (2, *x_BL.shape), x_BL.device)
+    chosen = (x_BL == how.mask_id) & (u[0] < reveal_prob)
     if not bool(chosen.any()):
         return x_BL
-    q_NV = top_p_filter(probs_BLV[chosen].double(), top_p)
+    q_NV = top_p_filter(probs_BLV[chosen].double(), how.top_p)
     out = x_BL.clone()
     out[chosen] = categorical(q_NV, u[1][chosen])
     return out
@@ -89,15 +100,7 @@ def _time_grid(steps: int, end: float = 0.0) -> list[float]:
 
 @torch.no_grad()
 def masked_ancestral(
-    probs_fn: ProbsFn,
-    x_BL: torch.Tensor,
-    schedule: NoiseSchedule,
-    *,
-    steps: int,
-    mask_id: int,
-    generator: torch.Generator,
-    top_p: float = 1.0,
-    reuse_unchanged: bool = False,
+    probs_fn: ProbsFn, x_BL: torch.Tensor, how: MaskedSteps, *, reuse_unchanged: bool = False
 ) -> torch.Tensor:
     """MDLM's ancestral sampler (Sahoo et al. 2024, eq. 7) from t = 1 to 0.
 
@@ -108,20 +111,20 @@ def masked_ancestral(
     probabilities instead of calling the network (MDLM's cache); valid only when the
     network ignores t (no time conditioning).
     """
-    times = _time_grid(steps)
+    times = _time_grid(how.steps)
     probs = None
-    for i in range(steps):
-        if not bool((x_BL == mask_id).any()):
+    for i in range(how.steps):
+        if not bool((x_BL == how.mask_id).any()):
             break
         t, s = times[i], times[i + 1]
         if probs is None:
             probs = probs_fn(x_BL, t)
-        if i == steps - 1:
+        if i == how.steps - 1:
             pi = 1.0
         else:
-            alpha_t, alpha_s = schedule.alpha(as_times(t)), schedule.alpha(as_times(s))
+            alpha_t, alpha_s = how.schedule.alpha(as_times(t)), how.schedule.alpha(as_times(s))
             pi = float((alpha_s - alpha_t) / (1 - alpha_t))
-        new = reveal(x_BL, probs, pi, mask_id=mask_id, generator=generator, top_p=top_p)
+        new = reveal(x_BL, probs, pi, how)
         if not (reuse_unchanged and torch.equal(new, x_BL)):
             probs = None
         x_BL = new
@@ -142,10 +145,7 @@ def commit_most_confident(
     x_BL: torch.Tensor,
     probs_BLV: torch.Tensor,
     count_B: torch.Tensor,
-    *,
-    mask_id: int,
-    generator: torch.Generator,
-    top_p: float = 1.0,
+    how: MaskedSteps,
     temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One confidence step: every masked position draws a candidate from its row of
@@ -153,15 +153,15 @@ def commit_most_confident(
     the ``count_B`` candidates of each row with the largest probability of their drawn
     token are committed. Returns (x, confidence (B, L): that probability where committed,
     +inf elsewhere)."""
-    u = _uniforms(generator, (2, *x_BL.shape), x_BL.device)
-    masked = x_BL == mask_id
+    u = _uniforms(how.generator, (2, *x_BL.shape), x_BL.device)
+    masked = x_BL == how.mask_id
     q_NV = probs_BLV[masked].double()
     if temperature == 0:
         token_N = q_NV.argmax(-1)
     else:
         if temperature != 1:
             q_NV = (q_NV.log() / temperature).softmax(-1)
-        q_NV = top_p_filter(q_NV, top_p)
+        q_NV = top_p_filter(q_NV, how.top_p)
         token_N = categorical(q_NV, u[1][masked])
     conf_BL = torch.full(x_BL.shape, -math.inf, dtype=torch.float64, device=x_BL.device)
     conf_BL[masked] = q_NV.gather(-1, token_N[:, None])[:, 0]
@@ -176,12 +176,8 @@ def commit_most_confident(
 def masked_confidence(
     probs_fn: ProbsFn,
     x_BL: torch.Tensor,
-    schedule: NoiseSchedule,
+    how: MaskedSteps,
     *,
-    steps: int,
-    mask_id: int,
-    generator: torch.Generator,
-    top_p: float = 1.0,
     temperature: float = 1.0,
     remask: float = 0.0,
     t_end: float = 0.0,
@@ -211,30 +207,30 @@ def masked_confidence(
         raise ValueError(f"remask must be in [0, 1], got {remask}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
+    schedule, steps, mask_id = how.schedule, how.steps, how.mask_id
     times = _time_grid(steps, t_end)
     ends = schedule.mask_prob(as_times([1.0, t_end]))
     masked_at_start_B = (x_BL == mask_id).sum(-1)
     decoded_BL = torch.zeros_like(x_BL, dtype=torch.bool)
     psi_BL = torch.full(x_BL.shape, math.inf, dtype=torch.float64, device=x_BL.device)
-    options = dict(mask_id=mask_id, generator=generator, top_p=top_p, temperature=temperature)
     for i in range(steps):
         t, s = times[i], times[i + 1]
         left = float((schedule.mask_prob(as_times(s)) - ends[1]) / (ends[0] - ends[1]))
         target_B = torch.round(masked_at_start_B * (left if i < steps - 1 else 0.0)).long()
         count_B = ((x_BL == mask_id).sum(-1) - target_B).clamp_min(0)
         if bool((count_B > 0).any()):
-            x_BL, psi = commit_most_confident(x_BL, probs_fn(x_BL, t), count_B, **options)
+            x_BL, psi = commit_most_confident(x_BL, probs_fn(x_BL, t), count_B, how, temperature)
             decoded_BL |= psi < math.inf
             psi_BL = torch.where(psi < math.inf, psi, psi_BL)
         redo_B = torch.round(remask * decoded_BL.sum(-1)).long()
         if not bool((redo_B > 0).any()):
             continue
-        u = _uniforms(generator, x_BL.shape, x_BL.device)
+        u = _uniforms(how.generator, x_BL.shape, x_BL.device)
         key_BL = torch.where(decoded_BL, -psi_BL, -math.inf)
         weakest = decoded_BL & (_ranks(key_BL, u) < redo_B[:, None])
         x_BL = x_BL.masked_fill(weakest, mask_id)
         decoded_BL &= ~weakest
-        x_BL, psi = commit_most_confident(x_BL, probs_fn(x_BL, s), redo_B, **options)
+        x_BL, psi = commit_most_confident(x_BL, probs_fn(x_BL, s), redo_B, how, temperature)
         decoded_BL |= psi < math.inf
         psi_BL = torch.where(psi < math.inf, psi, psi_BL)
     return x_BL
@@ -244,13 +240,9 @@ def masked_confidence(
 def score_sampler(
     logits_fn: LogitsFn,
     x_BL: torch.Tensor,
-    schedule: NoiseSchedule,
+    how: MaskedSteps,
     *,
-    steps: int,
-    mask_id: int,
-    generator: torch.Generator,
     method: str = "analytic",
-    top_p: float = 1.0,
     t_end: float = 1e-5,
 ) -> torch.Tensor:
     """SEDD's samplers for the absorbing graph (Lou et al. 2024), t = 1 -> t_end, then
@@ -273,8 +265,9 @@ def score_sampler(
     """
     if method not in ("analytic", "euler"):
         raise ValueError(f"unknown SEDD sampler {method!r}; one of ['analytic', 'euler']")
-    times = _time_grid(steps, t_end)
-    for i in range(steps):
+    schedule, mask_id = how.schedule, how.mask_id
+    times = _time_grid(how.steps, t_end)
+    for i in range(how.steps):
         if not bool((x_BL == mask_id).any()):
             return x_BL
         t, s = times[i], times[i + 1]
@@ -287,12 +280,10 @@ def score_sampler(
         else:
             factor = (t - s) * schedule.weight(t_now)
         pi = (float(factor) * mass_BL).clamp(max=1.0)
-        x_BL = reveal(
-            x_BL, logits.softmax(-1), pi, mask_id=mask_id, generator=generator, top_p=top_p
-        )
+        x_BL = reveal(x_BL, logits.softmax(-1), pi, how)
     if bool((x_BL == mask_id).any()):
         probs = real_logits(logits_fn(x_BL, times[-1]), mask_id).softmax(-1)
-        x_BL = reveal(x_BL, probs, 1.0, mask_id=mask_id, generator=generator, top_p=top_p)
+        x_BL = reveal(x_BL, probs, 1.0, how)
     return x_BL
 
 
@@ -301,13 +292,9 @@ def semi_autoregressive(
     model: nn.Module,
     num: int,
     length: int,
+    how: MaskedSteps,
     *,
     block_size: int,
-    steps: int,
-    schedule: NoiseSchedule,
-    mask_id: int,
-    generator: torch.Generator,
-    top_p: float = 1.0,
     reuse_unchanged: bool = False,
     kv_cache: bool = True,
     device: torch.device | str = "cpu",
@@ -322,6 +309,7 @@ def semi_autoregressive(
     the block-causal mask, the reference the cache must reproduce. A last block shorter
     than ``block_size`` takes the remaining length.
     """
+    schedule, mask_id = how.schedule, how.mask_id
     x_BL = torch.empty(num, 0, dtype=torch.long, device=device)
     cache = model.new_kv_cache() if kv_cache else None
     for start in range(0, length, block_size):
@@ -341,16 +329,7 @@ def semi_autoregressive(
             return real_logits(logits, mask_id).softmax(-1)
 
         block = torch.full((num, size), mask_id, dtype=torch.long, device=device)
-        block = masked_ancestral(
-            probs_fn,
-            block,
-            schedule,
-            steps=steps,
-            mask_id=mask_id,
-            generator=generator,
-            top_p=top_p,
-            reuse_unchanged=reuse_unchanged,
-        )
+        block = masked_ancestral(probs_fn, block, how, reuse_unchanged=reuse_unchanged)
         if cache is not None and start + size < length:
             cache.frozen = False
             model(block, torch.zeros(num, device=device), kv_cache=cache)
