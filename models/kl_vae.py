@@ -29,6 +29,7 @@ from torch import nn
 
 from configlib import ConfigError, option
 from models.autoencoder import Autoencoder
+from models.common.attention import attention
 from models.common.diffusers_io import listing, model_directory, read_config, read_weights
 from models.common.init import ParamInit
 from models.common.parallelize import ParallelPlan, apply_parallelism
@@ -124,8 +125,7 @@ class SelfAttention(nn.Module):
         b, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # B, HW, C
         q, k, v = self.qkv(tokens).unsqueeze(1).chunk(3, dim=-1)  # B, 1, HW, C each
-        out = F.scaled_dot_product_attention(q, k, v).squeeze(1)
-        return x + self.proj(out).transpose(1, 2).reshape(b, c, h, w)
+        return x + self.proj(attention(q, k, v)).transpose(1, 2).reshape(b, c, h, w)
 
 
 class MidBlock(nn.Module):
