@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from cluster.env import DistEnv
+from configlib import ConfigError
 from data_pipeline.storage import storage_errors
 from trainer import distributed as D
 from trainer.backends import make_backend
@@ -173,6 +174,9 @@ class Trainer:
         self.objective: Objective = OBJECTIVES[cfg.objective.name].build(
             cfg.objective, seed=cfg.run.seed, rank=self.rank, device=self.device
         )
+        problems = self.objective.model_problems(cfg.model)
+        if problems:
+            raise ConfigError(problems)
         for name, extra in self.objective.extra_modules().items():
             opt_cfg = OptimizerConfig(**{**cfg.optimizer.__dict__, **extra.optimizer})
             self.backend.add_module(name, extra, opt_cfg)

@@ -105,3 +105,28 @@ def test_ssim_matches_the_definition_and_orders_distortions():
     assert ssim(0.8 * small, small) == pytest.approx(
         _ssim_direct(0.8 * small, small, window=7), abs=1e-5
     )
+
+
+def test_model_in_channels_must_match_the_autoencoders_latents():
+    """Checked when the run is built, before data: one line naming the key and the fix."""
+    from models.mmdit import MMDiTConfig
+    from trainer.objectives.rectified_flow import RectifiedFlow, RectifiedFlowConfig
+
+    vae = {"name": "kl_vae", "random_init": True, "size": "tiny", "latent_channels": 1}
+    cfg = from_dict(RectifiedFlowConfig, {"name": "rectified_flow", "autoencoder": vae})
+    obj = RectifiedFlow(cfg, seed=0, rank=0, device=torch.device("cpu"))
+    assert obj.model_problems(from_dict(MMDiTConfig, {"in_channels": 1})) == []
+    (problem,) = obj.model_problems(from_dict(MMDiTConfig, {"in_channels": 16}))
+    assert problem == (
+        "model.in_channels is 16 but the kl_vae autoencoder gives 1-channel latents: "
+        "set model.in_channels: 1"
+    )
+    pixels = {"name": "rectified_flow", "autoencoder": {"name": "identity"}}
+    identity = RectifiedFlow(
+        from_dict(RectifiedFlowConfig, pixels), seed=0, rank=0, device=torch.device("cpu")
+    )
+    assert identity.model_problems(from_dict(MMDiTConfig, {"in_channels": 3})) == []
+    assert (
+        "gives 3-channel latents"
+        in identity.model_problems(from_dict(MMDiTConfig, {"in_channels": 4}))[0]
+    )

@@ -523,6 +523,9 @@ def test_ar_loss_is_per_position_nll(tok_path, vocab):
         obj.check_model(dlm(vocab_size, time_conditioning=True))
     with pytest.raises(ValueError, match="model.vocab_size: 20"):
         obj.check_model(dlm(vocab_size + 1, time_conditioning=False))
+    # the same line for the recipe's model section, before the run reads any data
+    (problem,) = obj.model_problems(dlm(vocab_size + 1, time_conditioning=False).cfg)
+    assert problem.startswith(f"model.vocab_size is {vocab_size + 1} but the tokenizer")
 
 
 def test_ar_nll_is_exact_for_exact_conditionals(tok_path, vocab):

@@ -75,6 +75,11 @@ class Objective(ABC):
     def extra_modules(self) -> dict[str, ExtraModule]:
         return {}
 
+    def model_problems(self, model_cfg: Any) -> list[str]:
+        """What makes the recipe's ``model`` section unfit for this objective (checked once
+        the objective is built, before any data is read): one line per problem."""
+        return []
+
     @abstractmethod
     def loss(
         self, phase: str, modules: dict[str, nn.Module], batch: dict[str, Any], step: int

@@ -207,14 +207,20 @@ class TokenObjective(Objective):
         # Used only for batches without global indices (as in RectifiedFlow).
         self.generator = torch.Generator().manual_seed(seed * 1000 + 17 + rank)
 
+    def model_problems(self, model_cfg: Any) -> list[str]:
+        vocab = getattr(model_cfg, "vocab_size", None)
+        if vocab == self.vocab_size:
+            return []
+        return [
+            f"model.vocab_size is {vocab} but the tokenizer {self.cfg.tokenizer} has "
+            f"{self.vocab_size} ids ([MASK] included): set model.vocab_size: {self.vocab_size}"
+        ]
+
     def check_model(self, model: nn.Module) -> None:
         """ValueError when the model cannot serve this objective."""
-        vocab = getattr(model, "vocab_size", None)
-        if vocab != self.vocab_size:
-            raise ValueError(
-                f"model.vocab_size is {vocab} but the tokenizer {self.cfg.tokenizer} has "
-                f"{self.vocab_size} ids ([MASK] included): set model.vocab_size: {self.vocab_size}"
-            )
+        problems = self.model_problems(model)
+        if problems:
+            raise ValueError(problems[0])
 
     @torch.no_grad()
     def generate(

@@ -35,6 +35,17 @@ class LatentObjective(Objective):
             return {}
         return {"conditioner": ExtraModule(self.conditioner, trainable=False)}
 
+    def model_problems(self, model_cfg: Any) -> list[str]:
+        have = getattr(model_cfg, "in_channels", None)
+        ae = self.autoencoder
+        if ae is None or have is None or have == ae.latent_channels:
+            return []
+        name = getattr(getattr(self.cfg, "autoencoder", None), "name", "autoencoder")
+        return [
+            f"model.in_channels is {have} but the {name} autoencoder gives "
+            f"{ae.latent_channels}-channel latents: set model.in_channels: {ae.latent_channels}"
+        ]
+
     def to_latents(self, batch: dict[str, Any]) -> torch.Tensor:
         x = batch["x"].to(self.device)
         if self.autoencoder is not None:
