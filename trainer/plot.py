@@ -1,7 +1,9 @@
-"""``python -m trainer.plot RUN_DIR [--key loss] [--out FILE]``: draw a metric of
-``metrics.jsonl`` against the step as a PNG (default ``RUN_DIR/loss.png``).
+"""``python -m trainer.plot RUN_DIR [--key KEY ...] [--out FILE]``: draw metrics of
+``metrics.jsonl`` against the step as a PNG, one panel per metric (default: ``loss`` and
+every other loss in the file, e.g. ``g_loss`` and ``discriminator/loss``, into
+``RUN_DIR/loss.png``).
 
-Pillow only, so it works on any install; the raw series is smoothed with an EMA drawn
+Pillow only, so it works on any install; each raw series is smoothed with an EMA drawn
 over the faint raw curve, and the axes carry min/max labels.
 """
 
@@ -28,12 +30,40 @@ def read_series(metrics_path: Path, key: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
-def plot_series(
-    steps: list[int], values: list[float], out: Path, title: str, log_y: bool = True
+def phase_loss_keys(metrics_path: Path) -> list[str]:
+    """``loss`` first, then every other loss the file holds (``<phase>/loss`` of another
+    phase, ``<term>_loss`` of a logged term such as the generator's ``g_loss``), in
+    first-seen order."""
+    keys = ["loss"]
+    for line in metrics_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        keys += [k for k in record if k.endswith(("/loss", "_loss")) and k not in keys]
+    return keys
+
+
+def plot_panels(
+    panels: list[tuple[str, list[int], list[float]]], out: Path, log_y: bool = True
 ) -> None:
+    """One 800x450 panel per (title, steps, values), stacked top to bottom, one PNG."""
+    from PIL import Image
+
+    width, height = 800, 450
+    img = Image.new("RGB", (width, height * len(panels)), "white")
+    for i, (title, steps, values) in enumerate(panels):
+        img.paste(_panel(steps, values, title, log_y, width, height), (0, i * height))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.png")
+    img.save(tmp)
+    tmp.replace(out)
+
+
+def _panel(steps: list[int], values: list[float], title: str, log_y: bool, width: int, height: int):
     from PIL import Image, ImageDraw
 
-    width, height, margin = 800, 450, 60
+    margin = 60
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
     use_log = log_y and min(values) > 0
@@ -59,10 +89,7 @@ def plot_series(
     draw.text((margin, height - margin + 8), str(x0), fill="black")
     draw.text((width - margin - 40, height - margin + 8), str(x1), fill="black")
     draw.text((margin, 20), f"{title}{' (log scale)' if use_log else ''} vs step", fill="black")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.png")
-    img.save(tmp)
-    tmp.replace(out)
+    return img
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,9 +97,14 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m trainer.plot", description=__doc__.splitlines()[0]
     )
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--key", default="loss", help="metric to plot (default: loss)")
     parser.add_argument(
-        "--out", type=Path, default=None, help="output PNG (default: RUN_DIR/<key>.png)"
+        "--key",
+        action="append",
+        default=None,
+        help="metric to plot, repeatable: one panel each (default: loss and every phase's loss)",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output PNG (default: RUN_DIR/<first key>.png)"
     )
     args = parser.parse_args(argv)
     metrics = args.run_dir / "metrics.jsonl"
@@ -81,13 +113,17 @@ def main(argv: list[str] | None = None) -> int:
             f"error: {metrics} does not exist (is {args.run_dir} a run directory?)", file=sys.stderr
         )
         return 2
-    steps, values = read_series(metrics, args.key)
-    if len(steps) < 2:
-        print(f"error: fewer than 2 records of {args.key!r} in {metrics}", file=sys.stderr)
-        return 2
-    out = args.out or args.run_dir / f"{args.key.replace('/', '_')}.png"
-    plot_series(steps, values, out, args.key)
-    print(f"wrote {out}")
+    keys = args.key or phase_loss_keys(metrics)
+    panels = []
+    for key in keys:
+        steps, values = read_series(metrics, key)
+        if len(steps) < 2:
+            print(f"error: fewer than 2 records of {key!r} in {metrics}", file=sys.stderr)
+            return 2
+        panels.append((key, steps, values))
+    out = args.out or args.run_dir / f"{keys[0].replace('/', '_')}.png"
+    plot_panels(panels, out)
+    print(f"wrote {out} ({', '.join(keys)})")
     return 0
 
 
