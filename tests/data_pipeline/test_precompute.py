@@ -345,3 +345,33 @@ def test_cli_to_s3_skips_undecodable_samples(data, clean, s3_endpoint, tmp_path)
 def test_example_spec_validates():
     spec = load_spec(str(REPO / "recipes" / "precompute" / "digits_tiny.yaml"))
     assert spec.t5 is not None and spec.clip is not None and spec.dtype == "float16"
+
+
+def test_kl_vae_latents_are_the_autoencoders(data, ray_address):
+    """The Ray precompute with a KL-VAE: each stored latent is the frozen autoencoder's
+    normalised posterior mean of the decoded image (f2, 1 channel), computed in batches."""
+    from models.autoencoders import build_autoencoder
+
+    vae = {"name": "kl_vae", "random_init": True, "size": "tiny", "latent_channels": 1}
+    spec = load_spec(
+        write_spec(data["root"] / "vae.yaml", spec_dict(data["tokenizer"], autoencoder=vae))
+    )
+    dest = data["root"] / "vae_latents"
+    summary = precompute(
+        [str(data["shards"])], str(dest), spec, num_workers=2, batch_size=16, progress=False
+    )
+    assert (summary.done, summary.failed, summary.samples) == (
+        NUM_SHARDS,
+        [],
+        NUM_SHARDS * SHARD_SIZE,
+    )
+    ae = build_autoencoder(spec.autoencoder)
+    for name in shard_names(dest):
+        original, written = read_samples(str(data["shards"] / name)), read_samples(str(dest / name))
+        images = torch.stack([decode_image(f["png"], WIDTH, HEIGHT) for f in original.values()])
+        stored = np.stack([npy(written[key]["latent.npy"]) for key in original])
+        assert stored.shape == (SHARD_SIZE, 1, HEIGHT // 2, WIDTH // 2)
+        with torch.no_grad():
+            expected = ae.encode(images).numpy()
+        assert np.allclose(stored, expected, atol=1e-5), float(np.abs(stored - expected).max())
+        assert stored.std() > 0.05  # latents of digits, not a constant

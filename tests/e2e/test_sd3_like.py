@@ -12,20 +12,26 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, launch_env, read_metrics, run_launch, run_module
+from conftest import DIGIT_WORDS as WORDS
+from conftest import (
+    MIN_DIGIT_ACCURACY,
+    MIN_DIVERSITY,
+    REPO,
+    assert_every_digit_drawn,
+    launch_env,
+    prompted_report,
+    read_metrics,
+    run_launch,
+    run_module,
+    train_caption_tokenizer,
+)
 
 from trainer import digit_judge
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 RECIPE = REPO / "recipes" / "tiny" / "sd3_like.yaml"
-WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-PER_DIGIT = 10
-THRESHOLD = 0.9  # mean over digits
-# Every digit on its own (the demo's zero row once came out as fours while the mean was 0.89)
-# and the spread of each digit's samples against the real digits' (trainer.digit_judge):
-MIN_DIGIT_ACCURACY = 0.7
-MIN_DIVERSITY = 0.3
+THRESHOLD = 0.9  # mean over digits (every digit and the diversity: conftest's bars)
 # 1000 steps reach 100% on this setup (measured); the recipe's own 40 steps are the CI smoke run
 TRAIN = ("run.max_steps=1000", "eval.every=500", "checkpoint.every=500")
 BUG_TRAIN = ("run.max_steps=500", "eval.every=0", "checkpoint.every=500")
@@ -37,62 +43,12 @@ def inputs(tmp_path_factory):
     """Digit shards (16 px) and a caption tokenizer for the tiny T5, as `make demo` builds them."""
     root = tmp_path_factory.mktemp("sd3_inputs")
     shards, tok = root / "digits16", root / "tok" / "captions"
-    build = [
-        sys.executable,
-        "-m",
-        "data_pipeline.build",
-        "builtin:digits",
-        "--out",
-        str(shards),
-        "--size",
-        "16",
-        "--shard-size",
-        "300",
-    ]
-    train_tok = [
-        sys.executable,
-        "-m",
-        "data_pipeline.tokenizer",
-        "train",
-        "--input",
-        str(shards),
-        "--out",
-        str(tok),
-        "--vocab-size",
-        "40",
-        "--model-type",
-        "bpe",
-    ]
-    for cmd in (build, train_tok):
-        proc = subprocess.run(cmd, cwd=REPO, env=launch_env(), capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return [f"data.urls={shards}", f"objective.conditioning.t5.tokenizer_path={tok}.model"]
-
-
-def prompted_report(run_dir, out_dir, per_digit: int = PER_DIGIT) -> digit_judge.Report:
-    """Sample ``per_digit`` images of each digit prompt and judge them per digit."""
-    prompts = [digit_judge.PROMPT.format(w) for w in WORDS]
-    proc = run_module(
-        "trainer.sample",
-        *("--run", str(run_dir), "--prompts", *prompts),
-        *("--num-per-prompt", str(per_digit), "--steps", "20", "--cfg", "3.0", "--seed", "0"),
-        *("--out", str(out_dir)),
-        timeout=600,
-    )
+    build = [sys.executable, "-m", "data_pipeline.build", "builtin:digits", "--out", str(shards)]
+    build += ["--size", "16", "--shard-size", "300"]
+    proc = subprocess.run(build, cwd=REPO, env=launch_env(), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    images, labels = digit_judge.load_samples(out_dir)
-    assert images.shape == (10 * per_digit, 8, 8, 3) and images.dtype == np.uint8
-    assert labels[:per_digit] == [prompts[0]] * per_digit
-    assert (out_dir / "grid.png").exists()
-    report = digit_judge.judge(images, labels)
-    print(report.table())
-    return report
-
-
-def assert_every_digit_drawn(report: digit_judge.Report, mean_bar: float) -> None:
-    assert report.mean_accuracy >= mean_bar, report.table()
-    assert report.min_accuracy >= MIN_DIGIT_ACCURACY, report.table()
-    assert report.min_diversity >= MIN_DIVERSITY, report.table()
+    tok = train_caption_tokenizer(shards, tok)
+    return [f"data.urls={shards}", f"objective.conditioning.t5.tokenizer_path={tok}"]
 
 
 def test_classifier_reads_the_shard_images(inputs):

@@ -17,12 +17,21 @@ from trainer.objectives.autoencoding import (
 )
 
 
-@pytest.fixture
-def feature_net(tmp_path) -> str:
+@pytest.fixture(params=["pt2", "pt"])
+def feature_net(tmp_path, request) -> str:
+    """The same small network as a torch.export program (dynamic batch) or TorchScript."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2))
-    path = tmp_path / "features.pt"
-    torch.jit.script(net).save(str(path))
+    path = tmp_path / f"features.{request.param}"
+    if request.param == "pt2":
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        program = torch.export.export(
+            net, (torch.zeros(2, 3, 16, 16),), dynamic_shapes=({0: batch},)
+        )
+        torch.export.save(program, str(path))
+    else:
+        with pytest.warns(FutureWarning):  # torch deprecates TorchScript; still loaded
+            torch.jit.script(net).save(str(path))
     return str(path)
 
 
@@ -30,8 +39,12 @@ def test_feature_loss_is_zero_only_for_equal_images(feature_net):
     loss = FeatureLoss(feature_net)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert float(loss(x, x)) == 0.0
-    assert float(loss(x, x + 0.3 * torch.randn_like(x))) > 0.0
+    noisy = (x + 0.3 * torch.randn_like(x)).requires_grad_(True)
+    assert float(loss(x, noisy)) > 0.0
     assert not any(p.requires_grad for p in loss.parameters())  # frozen
+    # the reconstruction gets a gradient through the frozen network, at any batch size
+    loss(torch.cat([x, x]), torch.cat([noisy, noisy])).backward()
+    assert noisy.grad is not None and float(noisy.grad.abs().sum()) > 0
 
 
 def test_a_missing_perceptual_network_names_the_key(tmp_path):

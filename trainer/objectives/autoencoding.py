@@ -61,9 +61,10 @@ class AutoencodingConfig:
         1e-6, "Weight of the KL term, relative to a per-image sum of the reconstruction loss.", ge=0
     )
     perceptual: str = option(
-        doc="'none', or a local TorchScript feature network (.pt, images in [-1, 1] -> a "
-        "tensor or list of feature maps) for a feature-matching perceptual loss. Required: "
-        "nothing is downloaded."
+        doc="'none', or a local feature network (images in [-1, 1] -> a tensor or list of "
+        "feature maps) for a feature-matching perceptual loss: a torch.export program "
+        "(.pt2, export it with a dynamic batch dimension) or TorchScript (.pt, deprecated by "
+        "torch). Required: nothing is downloaded."
     )
     perceptual_weight: float = option(1.0, "Weight of the perceptual loss.", ge=0)
     gan_weight: float = option(
@@ -101,11 +102,14 @@ class FeatureLoss(nn.Module):
         if not Path(path).is_file():
             raise ConfigError(
                 [
-                    f"objective.perceptual: {path}: no such file (a local TorchScript network; "
-                    "'none' trains without a perceptual loss)"
+                    f"objective.perceptual: {path}: no such file (a local .pt2 or TorchScript "
+                    "network; 'none' trains without a perceptual loss)"
                 ]
             )
-        self.net = torch.jit.load(path, map_location="cpu").eval()
+        if path.endswith(".pt2"):
+            self.net = torch.export.load(path).module()
+        else:
+            self.net = torch.jit.load(path, map_location="cpu").eval()
         for param in self.net.parameters():  # frozen (a ScriptModule has no requires_grad_)
             param.requires_grad_(False)
 
@@ -218,22 +222,30 @@ class Autoencoding(Objective):
                 return d_loss * 0.0, {}
             return d_loss, {}
         recon, mean, logvar = model(x, self._noise(model, x, batch, step))
-        diff = recon - x
+        # The terms of the reconstruction are taken on a detached copy (a leaf): the
+        # adaptive weight differentiates them with respect to it without running backward
+        # into the autoencoder (a DeepSpeed engine reduces its gradients whenever its graph
+        # runs backward), and their gradient G there enters the loss as <recon, G>, whose
+        # value is 0 and whose gradient is the chain rule's J^T G.
+        out = recon.detach().requires_grad_(True)
+        diff = out - x
         rec = diff.abs().mean() if self.cfg.reconstruction == "l1" else diff.square().mean()
-        loss, logs = rec, {"rec": float(rec.detach())}
+        terms, logs = rec, {"rec": float(rec.detach())}
+        if self.perceptual is not None:
+            perc = modules["perceptual"](out, x)
+            terms = terms + self.cfg.perceptual_weight * perc
+            logs["perceptual"] = float(perc.detach())
+        if self.discriminator is not None:
+            g_loss = self._adversarial(None, modules["discriminator"](out))
+            weight = self._balance(terms, g_loss, out) if gan_on else torch.zeros(())
+            terms = terms + self.cfg.gan_weight * weight * g_loss
+            logs.update({"g_loss": float(g_loss.detach()), "g_weight": float(weight)})
+        (grad,) = torch.autograd.grad(terms, out)
+        loss = terms.detach() + ((recon - recon.detach()) * grad).sum()
         if logvar is not None:  # variational: the KL of the posterior to N(0, 1)
             kl = kl_divergence(mean.float(), logvar.float()).mean()
             loss = loss + self.cfg.kl_weight * kl / x[0].numel()
             logs["kl"] = float(kl.detach())
-        if self.perceptual is not None:
-            perc = modules["perceptual"](recon, x)
-            loss = loss + self.cfg.perceptual_weight * perc
-            logs["perceptual"] = float(perc.detach())
-        if self.discriminator is not None:
-            g_loss = self._adversarial(None, modules["discriminator"](recon))
-            weight = self._balance(loss, g_loss, recon) if gan_on else torch.zeros(())
-            loss = loss + self.cfg.gan_weight * weight * g_loss
-            logs.update({"g_loss": float(g_loss.detach()), "g_weight": float(weight)})
         return loss, logs
 
     def _balance(
