@@ -72,6 +72,7 @@ def worker(rank: int, port: int, name: str, args: argparse.Namespace, results) -
     from trainer import distributed as D
     from trainer.backends import make_backend
     from trainer.config import OptimizerConfig, ParallelConfig
+    from trainer.warm_start import Start
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,7 +103,7 @@ def worker(rank: int, port: int, name: str, args: argparse.Namespace, results) -
         pos_max_grid=max(8, args.latent // 2),
         pos_base_grid=max(8, args.latent // 2),
     )
-    backend.build_model(mmdit, model_cfg, OptimizerConfig(lr=1e-4), seed=0)
+    backend.build_model(mmdit, model_cfg, OptimizerConfig(lr=1e-4), Start(0))
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(args.batch, 4, args.latent, args.latent, generator=gen).to(device)
     target = torch.randn(x.shape, generator=gen).to(device)

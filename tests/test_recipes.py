@@ -28,3 +28,27 @@ def test_recipe_loads_and_validates(path):
     assert isinstance(cfg, Config)
     micro, accum = check_world_size(cfg, cfg.cluster.num_workers)
     assert micro * accum * cfg.cluster.num_workers == cfg.train.batch_size
+
+
+STAGED = [p for p in RECIPES if load_config(p).train.trainable is not None]
+
+
+def test_staged_recipes_are_found():
+    names = {str(p.relative_to(RECIPES_DIR)) for p in STAGED}
+    assert {"dcae_adapt.yaml", "dcae_refine.yaml", "tiny/dcae_refine.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", STAGED, ids=lambda p: str(p.relative_to(RECIPES_DIR)))
+def test_trainable_patterns_name_parameters_of_the_recipes_model(path):
+    """Every train.trainable pattern matches parameters of the recipe's own model (built on
+    the meta device, so the reference sizes cost nothing), and some stay frozen."""
+    import torch
+
+    from trainer.registry import MODELS
+    from trainer.warm_start import apply_trainable
+
+    cfg = load_config(path)
+    with torch.device("meta"):
+        model = MODELS[cfg.model.name].build(cfg.model)
+    frozen = apply_trainable(model, cfg.train.trainable)
+    assert 0 < len(frozen) < len(list(model.parameters()))

@@ -77,6 +77,42 @@ class TrainConfig:
         ge=1,
     )
     log_every: int = option(10, "Write a metrics.jsonl record every N steps.", ge=1)
+    trainable: list[str] | None = option(
+        None,
+        "Glob patterns (fnmatch) of the model's parameter names that train; the others "
+        "stay frozen at their initial values (no gradient, no optimizer or EMA state). "
+        "Default: every parameter trains.",
+    )
+
+    def check(self, given: set[str]) -> list[tuple[str, str]]:
+        if self.trainable is not None and not self.trainable:
+            return [("trainable", "an empty list trains nothing; leave it out to train everything")]
+        return []
+
+
+@dataclass(kw_only=True)
+class InitConfig:
+    path: str | None = option(
+        None,
+        "Start from these weights instead of random ones: a run directory (its latest "
+        "complete checkpoint) or a .safetensors from trainer.export of a run of the same "
+        "model. Only a fresh run reads it; a resumed one continues from its own checkpoint.",
+    )
+    weights: Literal["ema", "model"] | None = option(
+        None, "Which weights of a run directory; default: the EMA when it has one, else the model."
+    )
+    step: int | None = option(
+        None, "Checkpoint step of a run directory; default: the latest.", ge=0
+    )
+
+    def check(self, given: set[str]) -> list[tuple[str, str]]:
+        out = []
+        for key in ("weights", "step"):
+            if key in given and self.path is None:
+                out.append((key, "has no effect without init.path"))
+            elif key in given and str(self.path).endswith(".safetensors"):
+                out.append((key, "has no effect for an exported .safetensors (it holds one set)"))
+        return out
 
 
 @dataclass(kw_only=True)
@@ -402,6 +438,10 @@ class Config:
     cluster: ClusterConfig = option(factory=ClusterConfig, doc="Launcher and devices.")
     logging: LoggingConfig = option(factory=LoggingConfig, doc="Progress bar and metric sinks.")
     eval: EvalConfig = option(factory=EvalConfig, doc="Periodic evaluation and sampling.")
+    init: InitConfig = option(
+        factory=InitConfig,
+        doc="Starting weights: random, or an earlier run's (stages, fine-tuning).",
+    )
 
     def check(self, given: set[str]) -> list[tuple[str, str]]:
         out = []

@@ -4,6 +4,9 @@ Consolidate the (EMA) weights of a sharded checkpoint (DCP, or DeepSpeed's with
 ``parallel.backend: deepspeed``) into one ``.safetensors`` file for inference. Runs in
 one process, needs no process group, reads local paths or fsspec URLs (DeepSpeed's:
 local only), and writes the output atomically (temp file, then rename).
+
+``load_start`` reads the same weights (or an exported file) as a new run's starting
+point (``init.path``).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 import yaml
 
+from configlib import ConfigError
 from trainer.checkpoint import CheckpointStore, dcp_reader, step_dir_name
 
 
@@ -50,19 +54,30 @@ def consolidated_state_dict(
         return _deepspeed_state_dict(store, step, weights), step
     reader = dcp_reader(store, step)
     metadata = reader.read_metadata()
-    prefix = f"{weights}."
-    tensors = {
-        key[len(prefix) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in metadata.state_dict_metadata.items()
-        if key.startswith(prefix) and hasattr(meta, "size")
-    }
+
+    def stored(section: str) -> dict[str, torch.Tensor]:
+        prefix = f"{section}."
+        return {
+            key[len(prefix) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+            for key, meta in metadata.state_dict_metadata.items()
+            if key.startswith(prefix) and hasattr(meta, "size")
+        }
+
+    tensors = stored(weights)
     if not tensors:
         hint = " (was ema.enabled true?)" if weights == "ema" else ""
         raise ExportError(f"checkpoint step {step} has no '{weights}' weights{hint}")
+    sections = {weights: tensors}
+    if (
+        weights == "ema"
+    ):  # the EMA averages trainable weights; the frozen ones (train.trainable) and buffers are the model's
+        rest = {k: v for k, v in stored("model").items() if k not in tensors}
+        if rest:
+            sections["model"] = rest
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "assuming ... a single process": intended
-        dcp.load({weights: tensors}, storage_reader=reader, no_dist=True)
-    return tensors, step
+        dcp.load(sections, storage_reader=reader, no_dist=True)
+    return {**sections.get("model", {}), **tensors}, step
 
 
 def _deepspeed_state_dict(
@@ -79,6 +94,8 @@ def _deepspeed_state_dict(
     if not tensors:
         hint = " (was ema.enabled true?)" if weights == "ema" else ""
         raise ExportError(f"checkpoint step {step} has no '{weights}' weights{hint}")
+    if weights == "ema":  # frozen weights (train.trainable) have no EMA: the model's
+        tensors = {**consolidated_model(step_dir), **tensors}
     return tensors
 
 
@@ -97,6 +114,53 @@ def export(path: str, out: Path, step: int | None = None, weights: str = "ema") 
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, out)
     return step
+
+
+def _stored_model_name(path: Path) -> tuple[str | None, dict[str, torch.Tensor] | None]:
+    """(model family the file or run says it holds, tensors of a .safetensors file)."""
+    if path.is_file():
+        from models.autoencoders import read_export
+
+        tensors, meta = read_export(path)
+        model = json.loads(meta["model"]) if "model" in meta else {}
+        return model.get("name"), tensors
+    config = path / "config.yaml"
+    if not config.is_file():
+        raise ConfigError(
+            [
+                f"init.path: {path} is not a run directory (no config.yaml) nor an exported .safetensors"
+            ]
+        )
+    return ((yaml.safe_load(config.read_text()) or {}).get("model") or {}).get("name"), None
+
+
+def load_start(init_cfg, model_name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The full weights ``init.path`` names, checked to be of ``model_name``'s family."""
+    path = Path(init_cfg.path)
+    if not path.exists():
+        raise ConfigError([f"init.path: {path}: no such run directory or .safetensors file"])
+    held, tensors = _stored_model_name(path)
+    if held is not None and held != model_name:
+        raise ConfigError(
+            [f"init.path: {path} holds a {held!r} model; this recipe trains a {model_name!r}"]
+        )
+    if tensors is not None:
+        return tensors, str(path)
+    root = str(path / "checkpoints")
+    try:
+        if init_cfg.weights is None:
+            try:
+                state, step = consolidated_state_dict(root, init_cfg.step, "ema")
+                weights = "ema"
+            except ExportError:
+                state, step = consolidated_state_dict(root, init_cfg.step, "model")
+                weights = "model"
+        else:
+            weights = init_cfg.weights
+            state, step = consolidated_state_dict(root, init_cfg.step, weights)
+    except ExportError as err:
+        raise ConfigError([f"init.path: {err}"]) from None
+    return state, f"{path} (step {step}, {weights} weights)"
 
 
 def main(argv: list[str] | None = None) -> int:

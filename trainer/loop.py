@@ -29,10 +29,12 @@ from trainer.backends import make_backend
 from trainer.backends.base import make_optimizer  # noqa: F401  (re-exported for benchmarks)
 from trainer.checkpoint import CheckpointManager
 from trainer.config import Config, OptimizerConfig, check_world_size, dump_config
+from trainer.export import load_start
 from trainer.metrics import MetricsLogger, device_peak_tflops, truncate_jsonl
 from trainer.objectives.base import EvalContext, Objective
 from trainer.registry import DATA, MODELS, OBJECTIVES
 from trainer.signals import EXIT_OK, EXIT_PREEMPTED, PreemptionGuard
+from trainer.warm_start import Start
 
 log = logging.getLogger("trainer")
 
@@ -163,14 +165,25 @@ class Trainer:
         np.random.seed((cfg.run.seed * 7919 + self.rank) % 2**32)
         random.seed(cfg.run.seed * 7919 + self.rank)
 
+        resume_meta = None
         if cfg.checkpoint.resume:
             # Before building: a checkpoint of another backend is a user mistake, and an
             # engine may have to be built for what it loads (DeepSpeed: universal loading).
             with self._ckpt_errors():
-                self.backend.expect_resume(self.ckpt.latest_meta())
+                resume_meta = self.ckpt.latest_meta()
+                self.backend.expect_resume(resume_meta)
+        start = Start(cfg.run.seed, trainable=cfg.train.trainable)
+        if cfg.init.path is not None and resume_meta is None:  # a resumed run has its own
+            start.state, start.source = load_start(cfg.init, cfg.model.name)
         self.model = self.backend.build_model(
-            MODELS[cfg.model.name], cfg.model, cfg.optimizer, cfg.run.seed
+            MODELS[cfg.model.name], cfg.model, cfg.optimizer, start
         )
+        if self.rank == 0 and (start.state is not None or start.frozen):
+            log.warning(
+                "model starts from %s; %d of its parameter tensors frozen",
+                start.source or f"random weights (seed {cfg.run.seed})",
+                len(start.frozen),
+            )
         self.objective: Objective = OBJECTIVES[cfg.objective.name].build(
             cfg.objective, seed=cfg.run.seed, rank=self.rank, device=self.device
         )

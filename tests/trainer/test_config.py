@@ -533,6 +533,7 @@ def test_dump_config_round_trips_with_every_option_active(tmp_path):
         "cluster",
         "logging",
         "eval",
+        "init",
     ]
     assert config_from_dict(yaml.safe_load(text)) == cfg
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from models.common.parallelize import ParallelPlan
 from trainer.config import OptimizerConfig, ParallelConfig
+from trainer.warm_start import Start, apply_trainable, check_fits, load_into
 
 
 def make_optimizer(params, cfg: OptimizerConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -50,18 +51,24 @@ def parallel_plan(parallel: ParallelConfig) -> ParallelPlan:
 
 
 def build_initialised(
-    family, model_cfg: Any, plan: ParallelPlan, mesh, device: torch.device, seed: int
+    family, model_cfg: Any, plan: ParallelPlan, mesh, device: torch.device, start: Start
 ) -> nn.Module:
-    """Build on meta, parallelize (shard / checkpoint / compile), materialise, initialise.
+    """Build on meta, freeze what ``start.trainable`` leaves out, parallelize (shard /
+    checkpoint / compile), materialise, initialise, then load ``start.state`` if given.
 
     ``init_weights`` draws each parameter from a generator seeded by its name, so the
     weights are the same under every backend and world size.
     """
     with torch.device("meta"):
         model = family.build(model_cfg)
+    if start.state is not None:
+        check_fits(model, start.state, start.source)
+    start.frozen = apply_trainable(model, start.trainable)  # before sharding: plain names
     model = family.parallelize(model, plan, mesh)
     model.to_empty(device=device)
-    model.init_weights(seed)
+    model.init_weights(start.seed)
+    if start.state is not None:
+        load_into(model, start.state)
     return model
 
 
@@ -93,8 +100,11 @@ class Backend(ABC):
         the checkpoint it loads)."""
 
     @abstractmethod
-    def build_model(self, family, model_cfg: Any, opt_cfg: OptimizerConfig, seed: int) -> nn.Module:
-        """Build, initialise and wrap the model; registers it as modules['model']."""
+    def build_model(
+        self, family, model_cfg: Any, opt_cfg: OptimizerConfig, start: Start
+    ) -> nn.Module:
+        """Build, initialise (or load ``start.state``) and wrap the model, frozen outside
+        ``start.trainable``; registers it as modules['model']."""
 
     @abstractmethod
     def add_module(self, name: str, extra, opt_cfg: OptimizerConfig) -> nn.Module:

@@ -55,6 +55,7 @@ from torch import nn
 from trainer.backends.base import Backend, build_initialised, make_optimizer, parallel_plan
 from trainer.checkpoint import CheckpointStore, step_dir_name
 from trainer.config import OptimizerConfig, ParallelConfig
+from trainer.warm_start import Start
 
 log = logging.getLogger("trainer")
 
@@ -647,9 +648,9 @@ class DeepSpeedBackend(Backend):
         return engine
 
     # ------------------------------------------------------------------------- build
-    def build_model(self, family, model_cfg, opt_cfg: OptimizerConfig, seed: int) -> nn.Module:
+    def build_model(self, family, model_cfg, opt_cfg: OptimizerConfig, start: Start) -> nn.Module:
         model = build_initialised(
-            family, model_cfg, parallel_plan(self.parallel), None, self.device, seed
+            family, model_cfg, parallel_plan(self.parallel), None, self.device, start
         )
         # Counted before ZeRO-3 leaves each rank a 0-element tensor in place of each parameter.
         self.flops_per_sample = getattr(model, "flops_per_sample", lambda: None)()

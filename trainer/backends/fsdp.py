@@ -12,6 +12,7 @@ from torch import nn
 from trainer.backends.base import Backend, build_initialised, make_optimizer, parallel_plan
 from trainer.config import OptimizerConfig
 from trainer.ema import EMA
+from trainer.warm_start import Start
 
 log = logging.getLogger("trainer")
 
@@ -26,9 +27,9 @@ class FSDPBackend(Backend):
             self.mesh = init_device_mesh(self.device.type, (self.world_size,))
 
     # ------------------------------------------------------------------------- build
-    def build_model(self, family, model_cfg, opt_cfg: OptimizerConfig, seed: int) -> nn.Module:
+    def build_model(self, family, model_cfg, opt_cfg: OptimizerConfig, start: Start) -> nn.Module:
         model = build_initialised(
-            family, model_cfg, parallel_plan(self.parallel), self.mesh, self.device, seed
+            family, model_cfg, parallel_plan(self.parallel), self.mesh, self.device, start
         )
         if self.parallel.backend == "none" and self.parallel.mixed_precision != "fp32":
             log.info("parallel.backend 'none': mixed precision through autocast")
