@@ -7,6 +7,11 @@ SOURCE is one of:
   captioned "a photo of the digit seven", with the class label;
 * a folder of images (png/jpg/jpeg/webp), captioned by a sidecar ``NAME.txt`` next to
   each image or by ``--captions manifest.jsonl|.csv`` (columns/keys ``file``, ``caption``);
+* ``builtin:tones`` - ``--num`` (default 512) synthetic clips at ``--sample-rate`` (default
+  16000): the 8 notes C4..C5 as a pure or a bright (harmonics) tone, 0.5 to 2 s long,
+  captioned "a pure tone at A4", stored as FLAC (see :mod:`data_pipeline.audio`);
+* a folder of audio (wav/flac; ``--kind audio`` when it holds images too), captioned like
+  an image folder;
 * ``builtin:arith`` - ``--num`` lines ``A + B = C`` (A, B uniform in 0..99, seeded by
   ``--seed``), one line per sample (see :mod:`data_pipeline.arith`);
 * text files (``.txt``, or a folder of them with ``--kind text``) for language models:
@@ -262,19 +267,26 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     )
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
-        if name == "arith":
-            total = args.num if args.limit is None else min(args.num, args.limit)
-            samples = arith_samples(total, args.seed)
+        if name in ("arith", "tones"):
+            num = args.num if args.num is not None else (100_000 if name == "arith" else 512)
+            total = num if args.limit is None else min(num, args.limit)
+            if name == "arith":
+                samples = arith_samples(total, args.seed)
+            else:
+                from data_pipeline.audio import tones_samples
+
+                samples = tones_samples(total, args.sample_rate, args.seed)
         elif name == "digits":
             sizes = parse_sizes(args.sizes) if args.sizes else [(args.size, args.size)]
             samples = digits_samples(sizes, args.limit, skipped)
             total = args.limit or 1797
         else:
             raise BuildError(
-                f"unknown built-in source {source!r}; available: builtin:digits, builtin:arith"
+                f"unknown built-in source {source!r}; available: builtin:digits, "
+                "builtin:tones, builtin:arith"
             )
-        if tokenizer is not None and name == "digits":
-            raise BuildError("--tokenizer: builtin:digits holds images, not text")
+        if tokenizer is not None and name != "arith":
+            raise BuildError(f"--tokenizer: builtin:{name} is not text")
     elif shard_urls:
         samples = text_shard_samples(shard_urls, args.limit, skipped)
         total = args.limit
@@ -288,9 +300,18 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                 raise BuildError(f"no .txt files under {source}")
             samples = text_samples(files, args.chars_per_sample, args.limit, skipped)
         else:
-            samples = folder_samples(
-                path, Path(args.captions) if args.captions else None, args.limit, skipped
-            )
+            from data_pipeline.audio import AUDIO_EXTS, audio_folder_samples
+
+            audio = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTS)
+            images = any(p.suffix.lower() in IMAGE_EXTS for p in path.rglob("*"))
+            manifest = Path(args.captions) if args.captions else None
+            if args.kind == "audio" or (audio and not images and args.kind == "auto"):
+                if not audio:
+                    raise BuildError(f"no audio (wav/flac) under {source}")
+                captions = _read_manifest(manifest) if manifest else None
+                samples = audio_folder_samples(audio, path, captions, args.limit, skipped)
+            else:
+                samples = folder_samples(path, manifest, args.limit, skipped)
         total = args.limit
     index_meta = {}
     if tokenizer is not None:
@@ -318,12 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "source",
-        help="builtin:digits, builtin:arith, a folder of images, text file(s), "
+        help="builtin:digits, builtin:tones, builtin:arith, a folder of images or audio, text file(s), "
         "or (with --tokenizer) text shards",
     )
     parser.add_argument("--out", required=True, help="destination folder or fsspec URL")
     parser.add_argument(
-        "--kind", choices=["auto", "images", "text"], default="auto", help="how to read a folder"
+        "--kind",
+        choices=["auto", "images", "audio", "text"],
+        default="auto",
+        help="how to read a folder",
     )
     parser.add_argument(
         "--shard-size", type=int, default=1000, help="samples per shard (default 1000)"
@@ -341,16 +365,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--chars-per-sample", type=int, default=4096, help="text: characters per sample at most"
     )
-    parser.add_argument("--num", type=int, default=100_000, help="arith: lines (default 100000)")
-    parser.add_argument("--seed", type=int, default=0, help="arith: seed (default 0)")
+    parser.add_argument(
+        "--num", type=int, default=None, help="arith: lines (default 100000); tones: clips (512)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="arith, tones: seed (default 0)")
+    parser.add_argument(
+        "--sample-rate", type=int, default=16000, help="tones: samples per second (default 16000)"
+    )
     parser.add_argument(
         "--tokenizer",
         default=None,
         help="sentencepiece .model: write token shards (tokens.npy per document) instead of text",
     )
     args = parser.parse_args(argv)
-    if args.num < 0:
-        print("error: --num must be >= 0", file=sys.stderr)
+    if (args.num is not None and args.num < 0) or args.sample_rate < 1:
+        print("error: --num must be >= 0 and --sample-rate >= 1", file=sys.stderr)
         return 2
     if args.shard_size < 1 or args.max_bytes < 1024 or args.size < 1:
         print(

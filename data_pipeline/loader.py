@@ -25,6 +25,8 @@ counted, and replaced by another sample of the same micro-batch (shapes stay fix
 run stops with an error naming the shards once more than ``max_corrupt_fraction`` of the
 dataset has failed.
 
+Audio clips (``kind: audio``) decode in the same workers: see :mod:`data_pipeline.audio`.
+
 Shapes: B micro-batch, C channels, H x W bucket resolution.
 """
 
@@ -54,6 +56,7 @@ from data_pipeline.storage import storage_errors
 log = logging.getLogger(__name__)
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+AUDIO_EXTS = ("flac", "wav")
 
 
 class DataError(RuntimeError):
@@ -95,9 +98,10 @@ class WebDatasetConfig:
     urls: str | list[str] = option(
         doc="Shards: brace patterns (shard-{000000..000099}.tar), folders or s3:// prefixes."
     )
-    kind: Literal["images", "latents"] = option(
+    kind: Literal["images", "latents", "audio"] = option(
         "images",
-        "Raw encoded images (decoded and resized here) or precomputed latents/embeddings (npy members).",
+        "Raw encoded images (decoded and resized here), precomputed latents/embeddings (npy "
+        "members), or audio clips (flac/wav, decoded and cropped to a window here).",
     )
     resolutions: list[tuple[int, int]] = option(
         factory=lambda: [(32, 32)],
@@ -120,6 +124,19 @@ class WebDatasetConfig:
     )
     caption_key: str = option("txt", "Member holding the caption.")
     keep_captions: bool = option(True, "Return captions (list of str) with each batch.")
+    sample_rate: int = option(16000, "Audio: samples per second the model sees.", ge=1)
+    resample: bool = option(
+        False, "Audio: resample clips at another rate (else such a clip stops the run)."
+    )
+    audio_channels: Literal[1, 2] = option(
+        1, "Audio: 1 (mono; stereo clips downmixed) or 2 (stereo; mono clips duplicated)."
+    )
+    window_seconds: float = option(
+        2.0, "Audio: window per sample; longer clips are cropped at random, shorter padded.", gt=0
+    )
+    min_seconds: float = option(
+        0.0, "Audio: clips shorter than this are skipped and counted as bad samples.", ge=0
+    )
 
     def check(self, given: set[str]) -> list[tuple[str, str]]:
         out = []
@@ -137,7 +154,20 @@ class WebDatasetConfig:
         for i, (w, h) in enumerate(self.resolutions):
             if w < 1 or h < 1:
                 out.append((f"resolutions[{i}]", f"[{w}, {h}] must be positive"))
+        if self.kind == "audio":
+            for key in ("resolutions", "bucket_batch_sizes"):
+                if key in given:
+                    out.append((key, "has no effect for kind 'audio' (one window length)"))
+            if self.min_seconds > self.window_seconds:
+                out.append(("min_seconds", f"exceeds window_seconds ({self.window_seconds})"))
+        else:
+            for key in AUDIO_KEYS:
+                if key in given:
+                    out.append((key, f"has no effect unless kind is 'audio' (here {self.kind!r})"))
         return out
+
+
+AUDIO_KEYS = ("sample_rate", "resample", "audio_channels", "window_seconds", "min_seconds")
 
 
 # --------------------------------------------------------------------------- planning
@@ -358,12 +388,15 @@ class WebDatasetSource(ShardedSource):
                 stale.close()
             raise
 
-    def _load_sample(self, sample: int, bucket: int) -> dict[str, Any]:
+    def _load_sample(self, sample: int, bucket: int, epoch: int | None) -> dict[str, Any]:
+        """One sample; ``epoch`` None: the evaluation view (an audio window from the start)."""
         shard, position = self.plan.locate(sample)
         entry = self.indexes[shard].samples[position]
         fields = parse_sample(self._read_bytes(shard, entry.offset, entry.size))
         out: dict[str, Any] = {"key": entry.key, "index": sample}
-        if self.cfg.kind == "images":
+        if self.cfg.kind == "audio":
+            out.update(self._load_audio(fields, sample, epoch))
+        elif self.cfg.kind == "images":
             image_ext = next((e for e in IMAGE_EXTS if e in fields), None)
             if image_ext is None:
                 raise ValueError(f"no image member (one of {IMAGE_EXTS})")
@@ -384,11 +417,37 @@ class WebDatasetSource(ShardedSource):
             out["label"] = int(fields["cls"])
         return out
 
-    def _load_micro_batch(self, epoch: int, bucket: int, ids: np.ndarray) -> dict[str, Any]:
+    def _load_audio(self, fields: dict, sample: int, epoch: int | None) -> dict[str, Any]:
+        from data_pipeline.audio import decode_audio, window
+
+        cfg = self.cfg
+        ext = next((e for e in AUDIO_EXTS if e in fields), None)
+        if ext is None:
+            raise ValueError(f"no audio member (one of {AUDIO_EXTS})")
+        wave = decode_audio(
+            fields[ext], rate=cfg.sample_rate, channels=cfg.audio_channels, resample=cfg.resample
+        )
+        rng = None if epoch is None else np.random.default_rng([self.plan.seed, 7, epoch, sample])
+        return window(
+            wave, rate=cfg.sample_rate, seconds=cfg.window_seconds,
+            min_seconds=cfg.min_seconds, rng=rng,
+        )  # fmt: skip
+
+    def _load_micro_batch(self, epoch: int | None, bucket: int, ids: np.ndarray) -> dict[str, Any]:
+        from data_pipeline.audio import AudioError
+
         samples, failed = [], []
         for sample in ids.tolist():
             try:
-                samples.append(self._load_sample(sample, bucket))
+                samples.append(self._load_sample(sample, bucket, epoch))
+            except AudioError as err:
+                if "data.sample_rate" in str(err):  # the recipe's choice, not a bad sample
+                    shard, _ = self.plan.locate(sample)
+                    raise DataError(f"{self.indexes[shard].url}: {err}") from None
+                shard, position = self.plan.locate(sample)
+                url, key = self.indexes[shard].url, self.indexes[shard].samples[position].key
+                log.warning("skipping sample %s of %s: %s", key, url, err)
+                failed.append(url)
             except Exception as err:  # any read/decode failure of one sample: skip it
                 shard, position = self.plan.locate(sample)
                 url, key = self.indexes[shard].url, self.indexes[shard].samples[position].key
@@ -441,6 +500,8 @@ class WebDatasetSource(ShardedSource):
         if self.cfg.kind == "images":
             width, height = self.cfg.resolutions[0]
             return (3, height, width)
+        if self.cfg.kind == "audio":
+            return (self.cfg.audio_channels, round(self.cfg.window_seconds * self.cfg.sample_rate))
         shard, position = 0, 0
         entry = self.indexes[shard].samples[position]
         fields = parse_sample(self._read_bytes(shard, entry.offset, entry.size))
@@ -452,7 +513,15 @@ class WebDatasetSource(ShardedSource):
         if self.cfg.kind != "images":
             raise ValueError("eval_images needs data.kind 'images' (these shards hold latents)")
         count = min(count, self.plan.num_samples)
-        return self._load_micro_batch(0, 0, np.arange(count))["x"]
+        return self._load_micro_batch(None, 0, np.arange(count))["x"]
+
+    def eval_audio(self, count: int) -> dict[str, Any]:
+        """The first ``count`` clips as a batch (``x``, ``mask``, timing), windows from
+        each clip's start: a fixed set, the same at every evaluation and on every rank."""
+        if self.cfg.kind != "audio":
+            raise ValueError(f"eval_audio needs data.kind 'audio' (not {self.cfg.kind!r})")
+        count = min(count, self.plan.num_samples)
+        return self._load_micro_batch(None, 0, np.arange(count))
 
     def eval_prompts(self, count: int) -> list[str]:
         """``count`` prompts for evaluation samples: the dataset's distinct captions among

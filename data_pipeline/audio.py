@@ -1,0 +1,166 @@
+"""Audio samples: the built-in synthetic tones, audio-folder reading, and the loader's
+decode / resample / crop-or-pad step.
+
+Shards hold ``flac`` (or ``wav``) members and a ``json`` with ``{"sample_rate",
+"duration"}``. The loader returns, per sample, ``x`` (C, T) float in [-1, 1] over a
+window of ``window_seconds`` (a random crop of a longer clip, seeded by (seed, epoch,
+sample); a shorter clip is zero-padded), ``mask`` (T,) 1 over the clip's own samples, 0
+over the padding, ``seconds_start`` (where the window starts in the clip) and
+``seconds_total`` (the clip's duration), the timing conditioning of Stable Audio.
+
+Shapes: C channels (1 mono, 2 stereo), T samples of the window.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+AUDIO_EXTS = {".flac": "flac", ".wav": "wav"}
+# the built-in corpus: 8 notes of the C major scale (equal temperament, A4 = 440 Hz)
+NOTES = {"C4": 261.63, "D4": 293.66, "E4": 329.63, "F4": 349.23, "G4": 392.0, "A4": 440.0,
+         "B4": 493.88, "C5": 523.25}  # fmt: skip
+TIMBRES = ("pure", "bright")  # a sine, or a sine with its 2nd and 3rd harmonics
+DURATIONS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)  # seconds
+
+
+class AudioError(ValueError):
+    """A clip that cannot be used as the recipe asks (rate, length)."""
+
+
+def tone(freq: float, seconds: float, rate: int, timbre: str, amplitude: float) -> np.ndarray:
+    """A tone with 10 ms linear fade in and out (no clicks), float32 (T,)."""
+    t = np.arange(round(seconds * rate)) / rate
+    wave = np.sin(2 * np.pi * freq * t)
+    if timbre == "bright":
+        wave = wave + 0.5 * np.sin(4 * np.pi * freq * t) + 0.25 * np.sin(6 * np.pi * freq * t)
+        wave = wave / 1.75
+    fade = min(len(t) // 2, round(0.01 * rate))
+    envelope = np.ones_like(t)
+    if fade:
+        envelope[:fade] = np.linspace(0, 1, fade)
+        envelope[-fade:] = np.linspace(1, 0, fade)
+    return (amplitude * wave * envelope).astype(np.float32)
+
+
+def tone_caption(note: str, timbre: str) -> str:
+    return f"a {timbre} tone at {note}"
+
+
+def encode_flac(samples_TC: np.ndarray, rate: int) -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, samples_TC, rate, format="FLAC", subtype="PCM_16")
+    return buf.getvalue()
+
+
+def tones_samples(num: int, rate: int, seed: int) -> Iterator[tuple[str, dict, dict]]:
+    """``num`` clips cycling over notes x timbres; duration and loudness drawn from ``seed``."""
+    rng = np.random.default_rng([seed, 4410])
+    notes = list(NOTES)
+    for i in range(num):
+        note = notes[i % len(notes)]
+        timbre = TIMBRES[(i // len(notes)) % len(TIMBRES)]
+        seconds = float(rng.choice(DURATIONS))
+        amplitude = float(rng.uniform(0.3, 0.6))
+        wave = tone(NOTES[note], seconds, rate, timbre, amplitude)
+        meta = {"sample_rate": rate, "duration": seconds, "note": note, "freq": NOTES[note],
+                "timbre": timbre, "source": "builtin-tones", "index": i}  # fmt: skip
+        fields = {
+            "flac": encode_flac(wave[:, None], rate),
+            "txt": tone_caption(note, timbre).encode(),
+            "json": json.dumps(meta).encode(),
+        }
+        yield f"{i:06d}", fields, meta
+
+
+def audio_folder_samples(
+    files: list[Path], root: Path, captions: dict[str, str] | None, limit: int | None,
+    skipped: Counter,
+) -> Iterator[tuple[str, dict, dict]]:  # fmt: skip
+    """wav/flac files with a sidecar NAME.txt caption (or a manifest); unreadable ones skipped."""
+    import soundfile as sf
+
+    written = 0
+    for path in files:
+        if limit is not None and written >= limit:
+            return
+        rel = path.relative_to(root).as_posix()
+        if captions is not None:
+            caption = captions.get(rel, captions.get(path.name))
+        else:
+            sidecar = path.with_suffix(".txt")
+            caption = sidecar.read_text().strip() if sidecar.is_file() else None
+        if not caption:
+            skipped["missing caption"] += 1
+            continue
+        data = path.read_bytes()
+        try:
+            info = sf.info(io.BytesIO(data))
+        except (sf.LibsndfileError, RuntimeError, TypeError):
+            skipped["undecodable audio"] += 1
+            continue
+        meta = {"sample_rate": info.samplerate, "duration": info.duration,
+                "channels": info.channels, "source": rel}  # fmt: skip
+        fields = {
+            AUDIO_EXTS[path.suffix.lower()]: data,
+            "txt": caption.encode(),
+            "json": json.dumps(meta).encode(),
+        }
+        yield f"{written:08d}", fields, meta
+        written += 1
+
+
+def decode_audio(data: bytes, *, rate: int, channels: int, resample: bool) -> np.ndarray:
+    """Encoded audio -> float32 (T, channels) at ``rate`` (mono downmixed or duplicated)."""
+    import soundfile as sf
+
+    wave, clip_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    if clip_rate != rate:
+        if not resample:
+            raise AudioError(
+                f"sample rate {clip_rate} Hz is not data.sample_rate {rate} Hz (set "
+                "data.resample: true, or rebuild the shards at that rate)"
+            )
+        from scipy.signal import resample_poly
+
+        g = math.gcd(rate, clip_rate)
+        wave = resample_poly(wave, rate // g, clip_rate // g, axis=0).astype(np.float32)
+    if wave.shape[1] != channels:
+        wave = wave.mean(1, keepdims=True) if channels == 1 else np.repeat(wave[:, :1], channels, 1)
+    return np.clip(wave, -1.0, 1.0)
+
+
+def window(
+    wave_TC: np.ndarray, *, rate: int, seconds: float, min_seconds: float,
+    rng: np.random.Generator | None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Crop (at random with ``rng``, else from the start) or zero-pad to ``seconds``."""
+    length = round(seconds * rate)
+    total = wave_TC.shape[0]
+    if total < round(min_seconds * rate):
+        raise AudioError(
+            f"clip of {total / rate:.2f} s is shorter than data.min_seconds {min_seconds}"
+        )
+    start = 0
+    if total > length and rng is not None:
+        start = int(rng.integers(0, total - length + 1))
+    piece = wave_TC[start : start + length]
+    x = np.zeros((length, wave_TC.shape[1]), dtype=np.float32)
+    x[: len(piece)] = piece
+    mask = np.zeros(length, dtype=np.float32)
+    mask[: len(piece)] = 1.0
+    return {
+        "x": torch.from_numpy(x.T.copy()),
+        "mask": torch.from_numpy(mask),
+        "seconds_start": torch.tensor(start / rate, dtype=torch.float32),
+        "seconds_total": torch.tensor(total / rate, dtype=torch.float32),
+    }
