@@ -164,3 +164,25 @@ def window(
         "seconds_start": torch.tensor(start / rate, dtype=torch.float32),
         "seconds_total": torch.tensor(total / rate, dtype=torch.float32),
     }
+
+
+def save_clip(samples_CT: torch.Tensor, rate: int, path: Path) -> None:
+    """A (C, T) clip in [-1, 1] as 16-bit wav, written atomically."""
+    import soundfile as sf
+
+    tmp = path.with_name(path.name + ".tmp.wav")
+    sf.write(tmp, samples_CT.clamp(-1, 1).T.numpy(), rate, subtype="PCM_16")
+    tmp.replace(path)
+
+
+def log_spectrogram(
+    samples_T: torch.Tensor, size: int = 256, floor_db: float = -80.0
+) -> np.ndarray:
+    """Magnitude in dB (top 0, clipped at ``floor_db``) scaled to [-1, 1], low frequencies
+    at the bottom: (frequencies, frames)."""
+    spec = torch.stft(
+        samples_T.float(), size, size // 4, window=torch.hann_window(size), return_complex=True
+    ).abs()
+    db = 20 * torch.log10(spec.clamp_min(1e-7))
+    db = (db - db.max()).clamp_min(floor_db)
+    return (db.flip(0) / -floor_db * 2 + 1).numpy()

@@ -1,7 +1,7 @@
 """The autoencoder interface diffusion models train in the latent space of.
 
-``encode`` maps images in [-1, 1] (B, 3, H, W) to *normalised* latents
-(B, C, H/f, W/f): ``(raw - shift) * scale``, so latents have roughly unit variance;
+``encode`` maps images in [-1, 1] (B, 3, H, W) (or audio (B, C, T): ``signal_axes`` 1)
+to *normalised* latents (B, C, H/f, W/f) (or (B, C, T/f)): ``(raw - shift) * scale``, so latents have roughly unit variance;
 ``decode`` inverts it. Trained VAEs / DC-AEs implement the same interface (models/autoencoders.py builds the one a
 recipe names); the identity
 autoencoder below is pixel-space training (f = 1, C = 3).
@@ -29,7 +29,8 @@ class Autoencoder(nn.Module, ABC):
     """Base: frozen, with latent normalisation by (shift, scale)."""
 
     latent_channels: int = 3
-    downsample: int = 1
+    downsample: int = 1  # per signal axis
+    signal_axes: int = 2  # images (H, W); 1 for audio (T)
     # a trainable autoencoder's forward is (images, noise) -> (reconstruction, latent,
     # log-variance): variational ones sample their posterior with noise (KL-VAE), the
     # others take noise=None and give no log-variance (DC-AE)
@@ -57,25 +58,32 @@ class Autoencoder(nn.Module, ABC):
         return self.decode_raw(latents_BCHW / self.scale + self.shift)
 
     def check_images(self, images_BCHW: torch.Tensor, in_channels: int) -> None:
-        """One clear error for images of the wrong layout or a size the factor does not divide."""
-        if images_BCHW.ndim != 4 or images_BCHW.shape[1] != in_channels:
+        """One clear error for inputs of the wrong layout or a size the factor does not
+        divide: (B, C, H, W) images, or (B, C, T) audio where ``signal_axes`` is 1."""
+        what, axes = ("audio", "T") if self.signal_axes == 1 else ("images", "H, W")
+        if images_BCHW.ndim != 2 + self.signal_axes or images_BCHW.shape[1] != in_channels:
             raise ValueError(
-                f"expected images (B, {in_channels}, H, W), got {tuple(images_BCHW.shape)}"
+                f"expected {what} (B, {in_channels}, {axes}), got {tuple(images_BCHW.shape)}"
             )
-        h, w = images_BCHW.shape[-2:]
-        if h % self.downsample or w % self.downsample:
+        sizes = images_BCHW.shape[2:]
+        if any(size % self.downsample for size in sizes):
+            what = "length" if self.signal_axes == 1 else "image size"
             raise ValueError(
-                f"image size {h}x{w} is not divisible by the downsampling factor {self.downsample}"
+                f"{what} {'x'.join(map(str, sizes))} is not divisible by the downsampling "
+                f"factor {self.downsample}"
             )
 
     def check_latents(self, latents_BChw: torch.Tensor) -> None:
-        if latents_BChw.ndim != 4 or latents_BChw.shape[1] != self.latent_channels:
+        ndim_ok = latents_BChw.ndim == 2 + self.signal_axes
+        if not ndim_ok or latents_BChw.shape[1] != self.latent_channels:
+            axes = "t" if self.signal_axes == 1 else "h, w"
             raise ValueError(
-                f"expected latents (B, {self.latent_channels}, h, w), got {tuple(latents_BChw.shape)}"
+                f"expected latents (B, {self.latent_channels}, {axes}), got {tuple(latents_BChw.shape)}"
             )
 
-    def latent_shape(self, channels: int, height: int, width: int) -> tuple[int, int, int]:
-        return (self.latent_channels, height // self.downsample, width // self.downsample)
+    def latent_shape(self, channels: int, *sizes: int) -> tuple[int, ...]:
+        """(latent channels, *sizes / factor) of an input of ``channels`` x ``sizes``."""
+        return (self.latent_channels, *(size // self.downsample for size in sizes))
 
 
 class IdentityAutoencoder(Autoencoder):

@@ -1,7 +1,7 @@
 """The autoencoders a latent-diffusion recipe or the precompute can name, built frozen.
 
-``autoencoder: {name: identity}`` trains in pixel space; ``{name: kl_vae | dc_ae, path: FILE}``
-loads a KL-VAE or a DC-AE: FILE is a ``.safetensors`` written by ``python -m trainer.export``
+``autoencoder: {name: identity}`` trains in pixel space; ``{name: kl_vae | dc_ae | audio_vae,
+path: FILE}`` loads a KL-VAE, a DC-AE or a 1-D audio VAE: FILE is a ``.safetensors`` written by ``python -m trainer.export``
 from a run of that family (its metadata names the architecture, and, after
 ``python -m data_pipeline.latent_stats``, the latent scale/shift), or a local diffusers
 ``AutoencoderKL`` / ``AutoencoderDC`` directory. Architecture keys written in the recipe must agree with the
@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from configlib import from_dict, option
-from models import dc_ae, kl_vae
+from models import audio_vae, dc_ae, kl_vae
+from models.audio_vae import AudioVAEConfig
 from models.autoencoder import Autoencoder, IdentityAutoencoder, IdentityAutoencoderConfig
 from models.dc_ae import DCAEConfig
 from models.kl_vae import KLVAEConfig
@@ -43,6 +44,10 @@ FAMILIES: dict[str, _Family] = {
         ("channels", "encoder_layers", "decoder_layers", "blocks", "latent_channels",
          "head_dim", "qkv_kernels", "decoder_norms", "decoder_acts"),
     ),
+    "audio_vae": _Family(
+        AudioVAEConfig, audio_vae.AudioVAE, audio_vae.no_diffusers_layout,
+        ("channels", "strides", "latent_channels"),
+    ),
 }  # fmt: skip
 
 
@@ -51,7 +56,9 @@ class AutoencoderSection:
     """Tagged union over autoencoders (filled below)."""
 
     REGISTRY: ClassVar[dict[str, type]] = {}
-    name: str = option(doc="Autoencoder: 'identity' (pixel space), 'kl_vae' or 'dc_ae'.")
+    name: str = option(
+        doc="Autoencoder: 'identity' (pixel space), 'kl_vae', 'dc_ae' or 'audio_vae' (1-D)."
+    )
 
 
 @dataclass(kw_only=True)
@@ -85,9 +92,14 @@ class PretrainedDCAEConfig(_Pretrained, DCAEConfig):
     pass
 
 
+@dataclass(kw_only=True)
+class PretrainedAudioVAEConfig(_Pretrained, AudioVAEConfig):
+    pass
+
+
 AutoencoderSection.REGISTRY.update(
     {"identity": IdentityAutoencoderConfig, "kl_vae": PretrainedKLVAEConfig,
-     "dc_ae": PretrainedDCAEConfig}
+     "dc_ae": PretrainedDCAEConfig, "audio_vae": PretrainedAudioVAEConfig}
 )  # fmt: skip
 
 

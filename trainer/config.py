@@ -9,6 +9,7 @@ own dataclass (next to the family's code) lists the remaining keys.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -482,6 +483,8 @@ class Config:
             and "objective.kl_weight" in given
         ):
             out.append(("objective.kl_weight", "has no effect: a DC-AE has no posterior (no KL)"))
+        if self.objective.name == "autoencoding":
+            out += self._autoencoder_checks(given)
         if self.objective.name not in TEXT_OBJECTIVES:
             for key in ("text_checks", "gen_ppl_run"):
                 if f"eval.{key}" in given:
@@ -498,6 +501,42 @@ class Config:
                     f"{mb} does not divide train.batch_size ({self.train.batch_size})",
                 )
             )
+        return out
+
+    def _autoencoder_checks(self, given: set[str]) -> list[tuple[str, str]]:
+        """The autoencoder's signal (images or audio) against the data section."""
+        out = []
+        audio_model = self.model.name == "audio_vae"
+        kind = getattr(self.data, "kind", None)
+        if audio_model:
+            if kind != "audio":
+                out.append(("data.kind", f"{kind!r}: an audio_vae trains on kind 'audio'"))
+            else:
+                if self.model.in_channels != self.data.audio_channels:
+                    out.append(
+                        (
+                            "model.in_channels",
+                            f"{self.model.in_channels} differs from data.audio_channels ({self.data.audio_channels})",
+                        )
+                    )
+                factor = math.prod(self.model.dims()["strides"])
+                samples = round(self.data.window_seconds * self.data.sample_rate)
+                if samples % factor:
+                    out.append(
+                        (
+                            "data.window_seconds",
+                            f"{self.data.window_seconds} s is {samples} samples, not divisible by the downsampling factor {factor}",
+                        )
+                    )
+            if self.objective.gan_weight > 0:
+                out.append(("objective.gan_weight", "the PatchGAN is 2-D: set 0 for an audio_vae"))
+        else:
+            if kind == "audio":
+                out.append(
+                    ("data.kind", f"'audio' needs model.name audio_vae (not {self.model.name!r})")
+                )
+            if "objective.stft_weight" in given:
+                out.append(("objective.stft_weight", "has no effect for an image autoencoder"))
         return out
 
     def _deepspeed_checks(self) -> list[tuple[str, str]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from configlib import ConfigError, apply_overrides, from_dict, recipe_chain
 from data_pipeline import loader, synthetic, text_tokens
-from models import dc_ae, dlm, flow_mlp, kl_vae, mmdit
+from models import audio_vae, dc_ae, dlm, flow_mlp, kl_vae, mmdit
 from trainer import backends  # noqa: F401  (registers each backend's pass-through check)
 from trainer.config import (
     Config,
@@ -56,6 +56,7 @@ MODELS: dict[str, ModelFamily] = {
     # autoencoders trained as the model (objective: autoencoding)
     "kl_vae": ModelFamily(kl_vae.KLVAEConfig, kl_vae.build, kl_vae.parallelize),
     "dc_ae": ModelFamily(dc_ae.DCAEConfig, dc_ae.build, dc_ae.parallelize),
+    "audio_vae": ModelFamily(audio_vae.AudioVAEConfig, audio_vae.build, audio_vae.parallelize),
 }
 OBJECTIVES: dict[str, ObjectiveEntry] = {
     "rectified_flow": ObjectiveEntry(
