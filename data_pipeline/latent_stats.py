@@ -1,7 +1,12 @@
-"""Latent statistics of a trained KL-VAE over an image shard set, stored in its export.
+"""Latent statistics of a trained autoencoder over a shard set, stored in its export.
 
     python -m data_pipeline.latent_stats runs/vae/vae.safetensors --data data/images \\
         [--images 4096] [--resolution 256 256] [--out vae_with_stats.safetensors]
+    python -m data_pipeline.latent_stats audio_vae.safetensors --data data/tones \\
+        --sample-rate 8000 --seconds 1.0 [--channels 1]
+
+An audio VAE (1-D) reads audio shards instead: windows of ``--seconds`` at
+``--sample-rate`` (shorter clips zero-padded, as in training).
 
 Encodes up to ``--images`` images (posterior means) and stores the SD3-style single
 shift and scale (mean and 1 / std over every latent element, also printed per channel)
@@ -34,7 +39,7 @@ from models.autoencoders import (
 def latent_moments(
     autoencoder, source: WebDatasetSource, images: int, device: torch.device, progress: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-channel (mean, std) of raw latents over ``images`` images, and the count used."""
+    """Per-channel (mean, std) of raw latents over ``images`` inputs (images or clips), and the count used."""
     from tqdm import tqdm
 
     total = sq = None
@@ -43,8 +48,9 @@ def latent_moments(
     with torch.no_grad():
         while seen < images:
             x = source.next_batch()["x"][: images - seen].to(device)
-            z = autoencoder.encode_raw(x).double()  # (B, C, h, w)
-            s, s2 = z.sum(dim=(0, 2, 3)), z.square().sum(dim=(0, 2, 3))
+            z = autoencoder.encode_raw(x).double()  # (B, C, h, w) or (B, C, t)
+            dims = (0, *range(2, z.ndim))
+            s, s2 = z.sum(dim=dims), z.square().sum(dim=dims)
             total, sq = (s, s2) if total is None else (total + s, sq + s2)
             elements += z.numel() // z.shape[1]
             seen += x.shape[0]
@@ -67,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=4096, help="images to encode (default 4096)")
     parser.add_argument("--resolution", type=int, nargs=2, metavar=("W", "H"), default=None)
     parser.add_argument("--batch", type=int, default=32, help="images per forward pass")
+    parser.add_argument("--sample-rate", type=int, default=None, help="audio: samples per second")
+    parser.add_argument("--seconds", type=float, default=None, help="audio: window per clip")
+    parser.add_argument(
+        "--channels", type=int, default=None, help="audio: 1 or 2 (default: the model's)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write here instead of in place")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -77,6 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         autoencoder = build_autoencoder(cfg).to(device)
         data = {"urls": args.data, "kind": "images", "keep_captions": False}
+        audio = getattr(autoencoder, "signal_axes", 2) == 1
+        if audio:
+            if args.sample_rate is None or args.seconds is None or args.resolution:
+                raise ValueError(
+                    "an audio autoencoder needs --sample-rate and --seconds (not --resolution)"
+                )
+            data.update(kind="audio", sample_rate=args.sample_rate, window_seconds=args.seconds)
+            data["audio_channels"] = args.channels or autoencoder.cfg.in_channels
+        elif args.sample_rate or args.seconds or args.channels:
+            raise ValueError("--sample-rate, --seconds and --channels are for audio autoencoders")
         if args.resolution:
             data["resolutions"] = [list(args.resolution)]
         data_cfg = from_dict(WebDatasetConfig, data, source="--data/--resolution")

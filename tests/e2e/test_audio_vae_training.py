@@ -1,6 +1,6 @@
 """The tiny audio VAE on the built-in tones: it learns to reconstruct held-out clips with
 their pitch (an untrained one does not), writes wav pairs and spectrograms at evaluation,
-and exports into a frozen autoencoder for a latent recipe."""
+and exports, with its latent statistics, into a frozen autoencoder for a latent recipe."""
 
 from __future__ import annotations
 
@@ -110,10 +110,22 @@ def test_exported_audio_vae_decodes_its_latents(trained, tones, tmp_path):
     out = tmp_path / "audio_vae.safetensors"
     export = run_module("trainer.export", str(trained[0]), "--out", str(out), "--weights", "model")
     assert export.returncode == 0, export.stderr[-3000:]
+    stats = run_module(
+        "data_pipeline.latent_stats", str(out), "--data", f"{tones}/shard-{{000000..000002}}.tar",
+        "--images", "128", "--sample-rate", str(RATE), "--seconds", "1.0", "--no-progress",
+    )  # fmt: skip
+    assert stats.returncode == 0, stats.stderr[-3000:]
     frozen = build_autoencoder(pretrained_config(out))
     clips = heldout(tones)[:16]
     latents = frozen.encode(clips)
+    # normalised by the stored statistics: roughly unit variance on held-out clips
+    assert 0.5 < float(latents.std()) < 2.0 and abs(float(latents.mean())) < 0.5
     assert latents.shape == (16, 8, RATE // 32)
     recon = frozen.decode(latents).clamp(-1, 1)
     kept = np.mean(np.abs(dominant_hz(recon) - dominant_hz(clips)) < 3.0)
     assert kept >= 0.4
+    images = run_module(
+        "data_pipeline.latent_stats", str(out), "--data", str(tones), "--resolution", "8", "8"
+    )
+    assert images.returncode == 2
+    assert "needs --sample-rate and --seconds" in images.stderr
