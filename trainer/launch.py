@@ -186,8 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         return train(cfg, env, fresh=args.fresh)
     except (ConfigError, InputError) as err:
         # every rank reads the same stores (each one lists every shard for the global
-        # plan) and meets the same InputError: rank 0 says it, the others stay quiet
-        if env.rank == 0 or not isinstance(err, InputError):
+        # plan) and meets the same InputError: rank 0 says it, the others stay quiet. A
+        # recipe problem found once the run is built (model against objective, init.path)
+        # is said once per node: a local file may be missing on one node only.
+        if env.rank == 0 or (isinstance(err, ConfigError) and env.local_rank == 0):
             print(f"error: {err}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     except (TrainingDiverged, DataError, TokenizerError) as err:

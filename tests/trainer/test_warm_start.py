@@ -3,6 +3,8 @@ clear line for each way of getting them wrong."""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 import torch
 import yaml
@@ -100,3 +102,27 @@ def test_init_and_trainable_keys_without_effect_are_errors(overrides, problem):
     with pytest.raises(ConfigError) as err:
         load_config("recipes/tiny/dcae.yaml", overrides)
     assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
+
+
+def test_a_missing_init_path_stops_every_rank_with_one_line(tmp_path):
+    """Found once the ranks build the run: exit 2 and the line once, not once per rank."""
+    from conftest import REPO, launch_cmd, launch_env
+
+    from data_pipeline.build import main as build_main
+    from trainer.signals import EXIT_CONFIG_ERROR
+
+    data = tmp_path / "digits"
+    assert build_main(["builtin:digits", "--out", str(data), "--size", "16", "--limit", "64"]) == 0
+    missing = tmp_path / "phase1"
+    proc = subprocess.run(
+        launch_cmd(
+            "recipes/tiny/dcae.yaml", f"run.output_dir={tmp_path / 'run'}",
+            f"init.path={missing}", "cluster.num_workers=2", "logging.progress_bar=false",
+            f"data.urls={data}",
+        ),  # fmt: skip
+        cwd=REPO,
+        env=launch_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == EXIT_CONFIG_ERROR, proc.stderr[-3000:]
+    line = f"init.path: {missing}: no such run directory or .safetensors file"
+    assert proc.stderr.count(line) == 1, proc.stderr[-3000:]
