@@ -12,6 +12,10 @@ SOURCE is one of:
   captioned "a pure tone at A4", stored as FLAC (see :mod:`data_pipeline.audio`);
 * a folder of audio (wav/flac; ``--kind audio`` when it holds images too), captioned like
   an image folder;
+* ``builtin:moving_digits`` - ``--num`` (512) clips of ``--frames`` (9) frames at ``--fps``
+  (8): a digit of half the ``--size`` canvas gliding edge to edge left, right, up or down,
+  captioned "the digit three moving left", H.264 mp4 (see :mod:`data_pipeline.video`);
+* a folder of videos (mp4; ``--kind video`` when it holds other media too);
 * ``builtin:arith`` - ``--num`` lines ``A + B = C`` (A, B uniform in 0..99, seeded by
   ``--seed``), one line per sample (see :mod:`data_pipeline.arith`);
 * text files (``.txt``, or a folder of them with ``--kind text``) for language models:
@@ -44,6 +48,7 @@ from data_pipeline.shards import ShardWriter
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 IMAGE_EXTS = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg", ".webp": "webp"}
+MOTIONS = ("left", "right", "up", "down")
 
 Sample = tuple[str, dict[str, bytes], dict[str, Any]]
 
@@ -102,6 +107,52 @@ def digits_samples(
             },
             meta,
         )
+
+
+def motion_caption(label: int, motion: str) -> str:
+    return f"the digit {DIGIT_WORDS[label]} moving {motion}"
+
+
+def moving_digits_samples(
+    num: int, size: int, frames: int, fps: int, seed: int
+) -> Iterator[Sample]:
+    """scikit-learn's digits (half the canvas side) gliding across a ``size`` canvas over
+    ``frames`` frames in one of four directions, edge to edge; the other coordinate and
+    the digit image are drawn from ``seed``."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    from data_pipeline.video import encode_mp4
+
+    digits = load_digits()
+    rng = np.random.default_rng([seed, 2417])
+    side = size // 2
+    travel = size - side
+    for i in range(num):
+        index = int(rng.integers(len(digits.images)))
+        label, motion = int(digits.target[index]), MOTIONS[i % len(MOTIONS)]
+        pixels = (digits.images[index] / 16.0 * 255).clip(0, 255).astype(np.uint8)
+        glyph = np.asarray(Image.fromarray(pixels).resize((side, side), Image.BILINEAR))
+        across = int(rng.integers(0, travel + 1))
+        video = np.zeros((frames, size, size, 3), dtype=np.uint8)
+        for t in range(frames):
+            step = round(travel * t / max(1, frames - 1))
+            along = {"right": step, "left": travel - step, "down": step, "up": travel - step}[
+                motion
+            ]
+            y, x = (across, along) if motion in ("left", "right") else (along, across)
+            video[t, y : y + side, x : x + side] = glyph[:, :, None]
+        meta = {"width": size, "height": size, "aspect": 1.0, "frames": frames, "fps": fps,
+                "duration": frames / fps, "label": label, "motion": motion,
+                "source": "sklearn-digits-moving", "index": i}  # fmt: skip
+        fields = {
+            "mp4": encode_mp4(video, fps),
+            "txt": motion_caption(label, motion).encode(),
+            "cls": str(label).encode(),
+            "json": json.dumps(meta).encode(),
+        }
+        yield f"{i:06d}", fields, meta
 
 
 def _read_manifest(path: Path) -> dict[str, str]:
@@ -267,7 +318,11 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
     )
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
-        if name in ("arith", "tones"):
+        if name == "moving_digits":
+            num = args.num if args.num is not None else 512
+            total = num if args.limit is None else min(num, args.limit)
+            samples = moving_digits_samples(total, args.size, args.frames, args.fps, args.seed)
+        elif name in ("arith", "tones"):
             num = args.num if args.num is not None else (100_000 if name == "arith" else 512)
             total = num if args.limit is None else min(num, args.limit)
             if name == "arith":
@@ -283,7 +338,7 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         else:
             raise BuildError(
                 f"unknown built-in source {source!r}; available: builtin:digits, "
-                "builtin:tones, builtin:arith"
+                "builtin:moving_digits, builtin:tones, builtin:arith"
             )
         if tokenizer is not None and name != "arith":
             raise BuildError(f"--tokenizer: builtin:{name} is not text")
@@ -301,11 +356,19 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
             samples = text_samples(files, args.chars_per_sample, args.limit, skipped)
         else:
             from data_pipeline.audio import AUDIO_EXTS, audio_folder_samples
+            from data_pipeline.video import VIDEO_EXTS, video_folder_samples
 
             audio = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTS)
+            videos = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
             images = any(p.suffix.lower() in IMAGE_EXTS for p in path.rglob("*"))
             manifest = Path(args.captions) if args.captions else None
-            if args.kind == "audio" or (audio and not images and args.kind == "auto"):
+            only = args.kind == "auto" and not images
+            if args.kind == "video" or (only and videos and not audio):
+                if not videos:
+                    raise BuildError(f"no videos (mp4) under {source}")
+                captions = _read_manifest(manifest) if manifest else None
+                samples = video_folder_samples(videos, path, captions, args.limit, skipped)
+            elif args.kind == "audio" or (only and audio):
                 if not audio:
                     raise BuildError(f"no audio (wav/flac) under {source}")
                 captions = _read_manifest(manifest) if manifest else None
@@ -339,13 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "source",
-        help="builtin:digits, builtin:tones, builtin:arith, a folder of images or audio, text file(s), "
+        help="builtin:digits, builtin:moving_digits, builtin:tones, builtin:arith, a folder of "
+        "images, audio or videos, text file(s), "
         "or (with --tokenizer) text shards",
     )
     parser.add_argument("--out", required=True, help="destination folder or fsspec URL")
     parser.add_argument(
         "--kind",
-        choices=["auto", "images", "audio", "text"],
+        choices=["auto", "images", "audio", "video", "text"],
         default="auto",
         help="how to read a folder",
     )
@@ -372,14 +436,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sample-rate", type=int, default=16000, help="tones: samples per second (default 16000)"
     )
+    parser.add_argument("--frames", type=int, default=9, help="moving_digits: frames per clip")
+    parser.add_argument("--fps", type=int, default=8, help="moving_digits: frames per second")
     parser.add_argument(
         "--tokenizer",
         default=None,
         help="sentencepiece .model: write token shards (tokens.npy per document) instead of text",
     )
     args = parser.parse_args(argv)
-    if (args.num is not None and args.num < 0) or args.sample_rate < 1:
-        print("error: --num must be >= 0 and --sample-rate >= 1", file=sys.stderr)
+    if (args.num is not None and args.num < 0) or min(args.sample_rate, args.frames, args.fps) < 1:
+        print("error: --num must be >= 0, --sample-rate, --frames and --fps >= 1", file=sys.stderr)
         return 2
     if args.shard_size < 1 or args.max_bytes < 1024 or args.size < 1:
         print(

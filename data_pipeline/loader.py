@@ -25,7 +25,8 @@ counted, and replaced by another sample of the same micro-batch (shapes stay fix
 run stops with an error naming the shards once more than ``max_corrupt_fraction`` of the
 dataset has failed.
 
-Audio clips (``kind: audio``) decode in the same workers: see :mod:`data_pipeline.audio`.
+Audio clips (``kind: audio``) and videos (``kind: video``) decode in the same workers:
+see :mod:`data_pipeline.audio` and :mod:`data_pipeline.video`.
 
 Shapes: B micro-batch, C channels, H x W bucket resolution.
 """
@@ -98,10 +99,11 @@ class WebDatasetConfig:
     urls: str | list[str] = option(
         doc="Shards: brace patterns (shard-{000000..000099}.tar), folders or s3:// prefixes."
     )
-    kind: Literal["images", "latents", "audio"] = option(
+    kind: Literal["images", "latents", "audio", "video"] = option(
         "images",
         "Raw encoded images (decoded and resized here), precomputed latents/embeddings (npy "
-        "members), or audio clips (flac/wav, decoded and cropped to a window here).",
+        "members), audio clips (flac/wav, cropped to a window here) or videos (mp4, "
+        "num_frames consecutive frames at the bucket resolution).",
     )
     resolutions: list[tuple[int, int]] = option(
         factory=lambda: [(32, 32)],
@@ -137,6 +139,9 @@ class WebDatasetConfig:
     min_seconds: float = option(
         0.0, "Audio: clips shorter than this are skipped and counted as bad samples.", ge=0
     )
+    num_frames: int = option(
+        9, "Video: consecutive frames per sample (shorter clips are bad samples).", ge=1
+    )
 
     def check(self, given: set[str]) -> list[tuple[str, str]]:
         out = []
@@ -160,7 +165,9 @@ class WebDatasetConfig:
                     out.append((key, "has no effect for kind 'audio' (one window length)"))
             if self.min_seconds > self.window_seconds:
                 out.append(("min_seconds", f"exceeds window_seconds ({self.window_seconds})"))
-        else:
+        if self.kind != "video" and "num_frames" in given:
+            out.append(("num_frames", f"has no effect unless kind is 'video' (here {self.kind!r})"))
+        if self.kind != "audio":
             for key in AUDIO_KEYS:
                 if key in given:
                     out.append((key, f"has no effect unless kind is 'audio' (here {self.kind!r})"))
@@ -396,6 +403,20 @@ class WebDatasetSource(ShardedSource):
         out: dict[str, Any] = {"key": entry.key, "index": sample}
         if self.cfg.kind == "audio":
             out.update(self._load_audio(fields, sample, epoch))
+        elif self.cfg.kind == "video":
+            from data_pipeline.video import decode_video
+
+            if "mp4" not in fields:
+                raise ValueError("no video member (mp4)")
+            width, height = self.cfg.resolutions[bucket]
+            rng = (
+                None
+                if epoch is None
+                else np.random.default_rng([self.plan.seed, 11, epoch, sample])
+            )
+            out["x"] = decode_video(
+                fields["mp4"], frames=self.cfg.num_frames, width=width, height=height, rng=rng
+            )
         elif self.cfg.kind == "images":
             image_ext = next((e for e in IMAGE_EXTS if e in fields), None)
             if image_ext is None:
@@ -502,6 +523,9 @@ class WebDatasetSource(ShardedSource):
             return (3, height, width)
         if self.cfg.kind == "audio":
             return (self.cfg.audio_channels, round(self.cfg.window_seconds * self.cfg.sample_rate))
+        if self.cfg.kind == "video":
+            width, height = self.cfg.resolutions[0]
+            return (3, self.cfg.num_frames, height, width)
         shard, position = 0, 0
         entry = self.indexes[shard].samples[position]
         fields = parse_sample(self._read_bytes(shard, entry.offset, entry.size))
@@ -512,6 +536,14 @@ class WebDatasetSource(ShardedSource):
         resolution: a fixed set, the same at every evaluation and on every rank."""
         if self.cfg.kind != "images":
             raise ValueError("eval_images needs data.kind 'images' (these shards hold latents)")
+        count = min(count, self.plan.num_samples)
+        return self._load_micro_batch(None, 0, np.arange(count))["x"]
+
+    def eval_videos(self, count: int) -> torch.Tensor:
+        """The first ``count`` clips (B, 3, T, H, W) in [-1, 1], their first frames at the
+        first resolution: a fixed set, the same at every evaluation and on every rank."""
+        if self.cfg.kind != "video":
+            raise ValueError(f"eval_videos needs data.kind 'video' (not {self.cfg.kind!r})")
         count = min(count, self.plan.num_samples)
         return self._load_micro_batch(None, 0, np.arange(count))["x"]
 

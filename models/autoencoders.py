@@ -1,7 +1,7 @@
 """The autoencoders a latent-diffusion recipe or the precompute can name, built frozen.
 
-``autoencoder: {name: identity}`` trains in pixel space; ``{name: kl_vae | dc_ae | audio_vae,
-path: FILE}`` loads a KL-VAE, a DC-AE or a 1-D audio VAE: FILE is a ``.safetensors`` written by ``python -m trainer.export``
+``autoencoder: {name: identity}`` trains in pixel space; ``{name: kl_vae | dc_ae | audio_vae
+| video_vae, path: FILE}`` loads a KL-VAE, a DC-AE, a 1-D audio VAE or a causal video VAE: FILE is a ``.safetensors`` written by ``python -m trainer.export``
 from a run of that family (its metadata names the architecture, and, after
 ``python -m data_pipeline.latent_stats``, the latent scale/shift), or a local diffusers
 ``AutoencoderKL`` / ``AutoencoderDC`` directory. Architecture keys written in the recipe must agree with the
@@ -17,11 +17,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from configlib import from_dict, option
-from models import audio_vae, dc_ae, kl_vae
+from models import audio_vae, dc_ae, kl_vae, video_vae
 from models.audio_vae import AudioVAEConfig
 from models.autoencoder import Autoencoder, IdentityAutoencoder, IdentityAutoencoderConfig
 from models.dc_ae import DCAEConfig
 from models.kl_vae import KLVAEConfig
+from models.video_vae import VideoVAEConfig
 
 SCALE_KEY, SHIFT_KEY = "latent_scale", "latent_shift"  # safetensors metadata
 
@@ -48,6 +49,10 @@ FAMILIES: dict[str, _Family] = {
         AudioVAEConfig, audio_vae.AudioVAE, audio_vae.no_diffusers_layout,
         ("channels", "strides", "latent_channels"),
     ),
+    "video_vae": _Family(
+        VideoVAEConfig, video_vae.VideoVAE, video_vae.no_diffusers_layout,
+        ("channels", "layers_per_block", "temporal_down", "latent_channels", "norm_groups"),
+    ),
 }  # fmt: skip
 
 
@@ -57,7 +62,8 @@ class AutoencoderSection:
 
     REGISTRY: ClassVar[dict[str, type]] = {}
     name: str = option(
-        doc="Autoencoder: 'identity' (pixel space), 'kl_vae', 'dc_ae' or 'audio_vae' (1-D)."
+        doc="Autoencoder: 'identity' (pixel space), 'kl_vae', 'dc_ae', 'audio_vae' (1-D) or "
+        "'video_vae' (causal spacetime)."
     )
 
 
@@ -97,9 +103,15 @@ class PretrainedAudioVAEConfig(_Pretrained, AudioVAEConfig):
     pass
 
 
+@dataclass(kw_only=True)
+class PretrainedVideoVAEConfig(_Pretrained, VideoVAEConfig):
+    pass
+
+
 AutoencoderSection.REGISTRY.update(
     {"identity": IdentityAutoencoderConfig, "kl_vae": PretrainedKLVAEConfig,
-     "dc_ae": PretrainedDCAEConfig, "audio_vae": PretrainedAudioVAEConfig}
+     "dc_ae": PretrainedDCAEConfig, "audio_vae": PretrainedAudioVAEConfig,
+     "video_vae": PretrainedVideoVAEConfig}
 )  # fmt: skip
 
 

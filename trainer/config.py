@@ -508,6 +508,31 @@ class Config:
         out = []
         audio_model = self.model.name == "audio_vae"
         kind = getattr(self.data, "kind", None)
+        if self.model.name == "video_vae":
+            if kind != "video":
+                out.append(("data.kind", f"{kind!r}: a video_vae trains on kind 'video'"))
+            else:
+                dims = self.model.dims()
+                factor, temporal = 2 ** (len(dims["channels"]) - 1), 2 ** sum(dims["temporal_down"])
+                if (self.data.num_frames - 1) % temporal:
+                    out.append(
+                        (
+                            "data.num_frames",
+                            f"{self.data.num_frames}: the video_vae needs 1 + {temporal} * k frames",
+                        )
+                    )
+                for i, (w, h) in enumerate(self.data.resolutions):
+                    if w % factor or h % factor:
+                        out.append(
+                            (
+                                f"data.resolutions[{i}]",
+                                f"[{w}, {h}] is not divisible by the downsampling factor {factor}",
+                            )
+                        )
+        elif kind == "video":
+            out.append(
+                ("data.kind", f"'video' needs model.name video_vae (not {self.model.name!r})")
+            )
         if audio_model:
             if kind != "audio":
                 out.append(("data.kind", f"{kind!r}: an audio_vae trains on kind 'audio'"))
@@ -536,7 +561,9 @@ class Config:
                     ("data.kind", f"'audio' needs model.name audio_vae (not {self.model.name!r})")
                 )
             if "objective.stft_weight" in given:
-                out.append(("objective.stft_weight", "has no effect for an image autoencoder"))
+                out.append(
+                    ("objective.stft_weight", "has no effect for an image or video autoencoder")
+                )
         return out
 
     def _deepspeed_checks(self) -> list[tuple[str, str]]:

@@ -15,7 +15,7 @@ from typing import Any
 
 from configlib import ConfigError, apply_overrides, from_dict, recipe_chain
 from data_pipeline import loader, synthetic, text_tokens
-from models import audio_vae, dc_ae, dlm, flow_mlp, kl_vae, mmdit
+from models import audio_vae, dc_ae, dlm, flow_mlp, kl_vae, mmdit, video_vae
 from trainer import backends  # noqa: F401  (registers each backend's pass-through check)
 from trainer.config import (
     Config,
@@ -57,6 +57,7 @@ MODELS: dict[str, ModelFamily] = {
     "kl_vae": ModelFamily(kl_vae.KLVAEConfig, kl_vae.build, kl_vae.parallelize),
     "dc_ae": ModelFamily(dc_ae.DCAEConfig, dc_ae.build, dc_ae.parallelize),
     "audio_vae": ModelFamily(audio_vae.AudioVAEConfig, audio_vae.build, audio_vae.parallelize),
+    "video_vae": ModelFamily(video_vae.VideoVAEConfig, video_vae.build, video_vae.parallelize),
 }
 OBJECTIVES: dict[str, ObjectiveEntry] = {
     "rectified_flow": ObjectiveEntry(

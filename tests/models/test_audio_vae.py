@@ -76,7 +76,7 @@ RECIPE = "recipes/tiny/audio_vae.yaml"
         (RECIPE, ["model.in_channels=2"], "model.in_channels: 2 differs from data.audio_channels (1)"),
         (RECIPE, ["objective.gan_weight=0.1"], "objective.gan_weight: the PatchGAN is 2-D"),
         (RECIPE, ["data.kind=images", "data.resolutions=[[16, 16]]"], "data.kind: 'images': an audio_vae trains on kind 'audio'"),
-        ("recipes/tiny/vae.yaml", ["objective.stft_weight=1.0"], "objective.stft_weight: has no effect for an image autoencoder"),
+        ("recipes/tiny/vae.yaml", ["objective.stft_weight=1.0"], "objective.stft_weight: has no effect for an image or video autoencoder"),
     ],
 )  # fmt: skip
 def test_recipes_that_do_not_fit_the_signal_get_one_line(recipe, overrides, problem):

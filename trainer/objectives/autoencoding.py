@@ -23,7 +23,9 @@ A deterministic autoencoder (DC-AE: ``model.variational`` false) has no KL term 
 posterior noise; the rest is the same. A 1-D audio autoencoder (``audio_vae``, data
 ``kind: audio``) adds ``stft_weight`` times a multi-resolution STFT loss to the
 reconstruction terms; its evaluation reports SNR and STFT distance and writes wav pairs
-and spectrograms (no PatchGAN for 1-D signals yet: ``gan_weight`` must stay 0).
+and spectrograms (no PatchGAN for 1-D signals yet: ``gan_weight`` must stay 0). A causal
+video VAE (``video_vae``, data ``kind: video``) runs the PatchGAN and the perceptual
+network on its frames; evaluation reports PSNR / SSIM over frames and writes frame strips.
 
 Posterior noise is drawn per sample from ``sample_seed(seed, step, index)``, so training
 is the same function of the data on any number of ranks.
@@ -144,6 +146,12 @@ class FeatureLoss(nn.Module):
         return total
 
 
+def frames(x: torch.Tensor) -> torch.Tensor:
+    """Videos (B, C, T, H, W) as a batch of frames (B * T, C, H, W) for the 2-D networks
+    (discriminator, perceptual); images pass as they are."""
+    return x.transpose(1, 2).flatten(0, 1) if x.ndim == 5 else x
+
+
 def stft_distance(x_BCT: torch.Tensor, y_BCT: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Multi-resolution STFT loss of ``x`` against the reference ``y`` (Yamamoto et al.
     2020): per FFT size, spectral convergence ||S_y - S_x||_F / ||S_y||_F plus the mean
@@ -260,7 +268,7 @@ class Autoencoding(Objective):
             disc = modules["discriminator"]
             with torch.no_grad():
                 recon, _, _ = model(x, self._noise(model, x, batch, step))
-            d_loss = self._adversarial(disc(x), disc(recon.detach()))
+            d_loss = self._adversarial(disc(frames(x)), disc(frames(recon.detach())))
             if not gan_on:
                 return d_loss * 0.0, {}
             return d_loss, {}
@@ -279,11 +287,11 @@ class Autoencoding(Objective):
             terms = terms + self.cfg.stft_weight * spectral
             logs["stft"] = float(spectral.detach())
         if self.perceptual is not None:
-            perc = modules["perceptual"](out, x)
+            perc = modules["perceptual"](frames(out), frames(x))
             terms = terms + self.cfg.perceptual_weight * perc
             logs["perceptual"] = float(perc.detach())
         if self.discriminator is not None:
-            g_loss = self._adversarial(None, modules["discriminator"](out))
+            g_loss = self._adversarial(None, modules["discriminator"](frames(out)))
             weight = self._balance(terms, g_loss, out) if gan_on else torch.zeros(())
             terms = terms + self.cfg.gan_weight * weight * g_loss
             logs.update({"g_loss": float(g_loss.detach()), "g_weight": float(weight)})
@@ -316,8 +324,11 @@ class Autoencoding(Objective):
         up to 8 originals over their reconstructions."""
         model = ctx.modules["model"]
         audio = getattr(model, "signal_axes", 2) == 1
+        video = getattr(model, "signal_axes", 2) == 3
         if audio:
             x = ctx.data.eval_audio(self.cfg.eval_images)["x"].to(ctx.device)
+        elif video:
+            x = ctx.data.eval_videos(self.cfg.eval_images).to(ctx.device)
         else:
             x = ctx.data.eval_images(self.cfg.eval_images).to(ctx.device)
         noise = None
@@ -330,6 +341,8 @@ class Autoencoding(Objective):
             return {}
         if audio:
             return self._evaluate_audio(x, recon, ctx)
+        if video:
+            return self._evaluate_video(x, recon, ctx)
         if ctx.out_dir is not None:
             from data_pipeline.loader import save_grid
 
@@ -341,6 +354,29 @@ class Autoencoding(Objective):
         return {
             "eval/psnr": psnr(recon, x),
             "eval/ssim": ssim(recon, x),
+            "eval/l1": float((recon - x).abs().mean()),
+        }
+
+    def _evaluate_video(
+        self, x: torch.Tensor, recon: torch.Tensor, ctx: EvalContext
+    ) -> dict[str, float]:
+        """PSNR and SSIM over every frame, PSNR of the first frames alone (encoded on their
+        own), and a frame strip per clip for up to 2 clips: original over reconstructed."""
+        if ctx.out_dir is not None:
+            from data_pipeline.loader import save_grid
+
+            ctx.out_dir.mkdir(parents=True, exist_ok=True)
+            rows = []
+            for i in range(min(2, x.shape[0])):
+                rows += [frames(x[i : i + 1]).cpu(), frames(recon[i : i + 1]).cpu()]
+            save_grid(
+                torch.cat(rows).numpy(), ctx.out_dir / f"reconstructions_step{ctx.step:08d}.png",
+                columns=x.shape[2], row_labels=["original", "reconstructed"] * (len(rows) // 2),
+            )  # fmt: skip
+        return {
+            "eval/psnr": psnr(frames(recon), frames(x)),
+            "eval/ssim": ssim(frames(recon), frames(x)),
+            "eval/psnr_first_frame": psnr(recon[:, :, 0], x[:, :, 0]),
             "eval/l1": float((recon - x).abs().mean()),
         }
 

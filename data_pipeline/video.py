@@ -1,0 +1,115 @@
+"""Video samples: mp4 encoding, video-folder reading, and the loader's decode step (PyAV).
+The built-in moving digits are a build source (``data_pipeline.build``).
+
+Shards hold ``mp4`` members (H.264, yuv420p) and a ``json`` with ``{"width", "height",
+"frames", "fps", "duration"}``. The loader returns, per sample, ``x`` (3, T, H, W) float
+in [-1, 1]: ``num_frames`` consecutive frames from a start drawn from (seed, epoch,
+sample) (the first frames at evaluation), each resized to cover the bucket resolution
+and centre-cropped. A clip with fewer frames than asked is a bad sample (skipped and
+counted).
+
+Shapes: T frames, H x W pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+VIDEO_EXTS = {".mp4": "mp4"}
+
+
+class VideoError(ValueError):
+    """A clip the recipe cannot use (too short)."""
+
+
+def encode_mp4(frames_THWC: np.ndarray, fps: int, crf: int = 12) -> bytes:
+    """uint8 RGB frames -> H.264 mp4 bytes (even sides; near-lossless at the default crf)."""
+    import av
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = frames_THWC.shape[2], frames_THWC.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames_THWC:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def probe(data: bytes) -> dict:
+    """(width, height, frames, fps, duration) of an encoded video; raises if undecodable."""
+    import av
+
+    with av.open(io.BytesIO(data)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(video=0))
+        fps = float(stream.average_rate or 0) or None
+        return {"width": stream.width, "height": stream.height, "aspect": stream.width / stream.height,
+                "frames": frames, "fps": fps, "duration": frames / fps if fps else None}  # fmt: skip
+
+
+def video_folder_samples(
+    files: list[Path], root: Path, captions: dict[str, str] | None, limit: int | None,
+    skipped: Counter,
+) -> Iterator[tuple[str, dict, dict]]:  # fmt: skip
+    """mp4 files with a sidecar NAME.txt caption (or a manifest); undecodable ones skipped."""
+    written = 0
+    for path in files:
+        if limit is not None and written >= limit:
+            return
+        rel = path.relative_to(root).as_posix()
+        if captions is not None:
+            caption = captions.get(rel, captions.get(path.name))
+        else:
+            sidecar = path.with_suffix(".txt")
+            caption = sidecar.read_text().strip() if sidecar.is_file() else None
+        if not caption:
+            skipped["missing caption"] += 1
+            continue
+        data = path.read_bytes()
+        try:
+            meta = {**probe(data), "source": rel}
+        except Exception:  # PyAV raises its own error types for every broken container
+            skipped["undecodable video"] += 1
+            continue
+        fields = {"mp4": data, "txt": caption.encode(), "json": json.dumps(meta).encode()}
+        yield f"{written:08d}", fields, meta
+        written += 1
+
+
+def decode_video(
+    data: bytes, *, frames: int, width: int, height: int, rng: np.random.Generator | None
+) -> torch.Tensor:
+    """Encoded video -> (3, frames, height, width) in [-1, 1]: consecutive frames from a
+    start drawn by ``rng`` (the first frames without one), each resized to cover and
+    centre-cropped."""
+    import av
+    from PIL import Image
+
+    with av.open(io.BytesIO(data)) as container:
+        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    if len(decoded) < frames:
+        raise VideoError(f"clip has {len(decoded)} frames, fewer than data.num_frames {frames}")
+    start = int(rng.integers(0, len(decoded) - frames + 1)) if rng is not None else 0
+    out = []
+    for array in decoded[start : start + frames]:
+        image = Image.fromarray(array)
+        scale = max(width / image.width, height / image.height)
+        size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+        if size != image.size:
+            image = image.resize(size, Image.BICUBIC)
+        left, top = (image.width - width) // 2, (image.height - height) // 2
+        out.append(np.asarray(image.crop((left, top, left + width, top + height))))
+    video = torch.from_numpy(np.stack(out)).float() / 127.5 - 1.0  # (T, H, W, 3)
+    return video.permute(3, 0, 1, 2).contiguous()

@@ -1,0 +1,132 @@
+"""Video shards: the built-in moving digits and video folders build, and the loader decodes
+clips of num_frames at the bucket resolution, resumes exactly, and skips and counts clips
+that are too short or undecodable."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from configlib import ConfigError
+from data_pipeline.build import main as build_main
+from data_pipeline.loader import DataError, WebDatasetConfig, WebDatasetSource
+from data_pipeline.shards import ShardWriter
+from data_pipeline.video import encode_mp4
+from trainer.registry import load_config
+
+
+@pytest.fixture(scope="module")
+def moving(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("moving") / "moving"
+    args = ["builtin:moving_digits", "--out", str(out), "--num", "32", "--size", "16"]
+    assert build_main([*args, "--shard-size", "8"]) == 0
+    return out
+
+
+def video_source(urls, *, rank=0, world=1, micro=4, **cfg) -> WebDatasetSource:
+    config = WebDatasetConfig(
+        urls=str(urls), kind="video", **{"resolutions": [(16, 16)], "num_frames": 9, **cfg}
+    )
+    return WebDatasetSource(
+        config, seed=0, rank=rank, world_size=world, micro_batch=micro, accum_steps=1
+    )
+
+
+def centre(frame_HW: torch.Tensor) -> tuple[float, float]:
+    weight = (frame_HW + 1).clamp_min(0)
+    ys, xs = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    return float((weight * ys).sum() / weight.sum()), float((weight * xs).sum() / weight.sum())
+
+
+def test_moving_digits_move_as_their_captions_say(moving):
+    src = video_source(moving, micro=16)
+    try:
+        batch = src.next_batch()
+    finally:
+        src.close()
+    assert batch["x"].shape == (16, 3, 9, 16, 16) and batch["x"].min() >= -1
+    for clip, caption in zip(batch["x"], batch["caption"], strict=True):
+        (y0, x0), (y1, x1) = centre(clip[0, 0]), centre(clip[0, -1])
+        dy, dx = y1 - y0, x1 - x0
+        moved = {"left": -dx, "right": dx, "up": -dy, "down": dy}[caption.rsplit(" ", 1)[1]]
+        assert moved > 4.0, (caption, dy, dx)  # 8 px edge to edge, blurred by H.264
+
+
+def test_video_windows_resume_exactly_on_another_number_of_ranks(moving):
+    straight = video_source(moving, micro=4, num_frames=5)
+    try:
+        expected = [straight.next_batch() for _ in range(4)]
+    finally:
+        straight.close()
+    first = [video_source(moving, rank=r, world=2, micro=2, num_frames=5) for r in range(2)]
+    try:
+        for _ in range(2):
+            for s in first:
+                s.next_batch()
+        states = [s.state_dict() for s in first]
+    finally:
+        for s in first:
+            s.close()
+    resumed = video_source(moving, micro=4, num_frames=5)
+    try:
+        resumed.load_state_dict(states)
+        for step in (2, 3):
+            batch = resumed.next_batch()
+            assert batch["key"] == expected[step]["key"]
+            assert torch.equal(batch["x"], expected[step]["x"])  # same random start frames
+    finally:
+        resumed.close()
+
+
+def test_short_and_broken_clips_are_skipped_counted_then_bounded(tmp_path):
+    clip = (np.random.default_rng(0).random((9, 16, 16, 3)) * 255).astype(np.uint8)
+    good, short = encode_mp4(clip, 8), encode_mp4(clip[:4], 8)
+    with ShardWriter(str(tmp_path / "mixed"), max_samples=10**9) as writer:
+        for i, data in enumerate([good] * 48 + [short, b"not an mp4"]):
+            meta = {"width": 16, "height": 16}
+            writer.write(
+                f"v{i:03d}", {"mp4": data, "txt": b"x", "json": json.dumps(meta).encode()}, meta
+            )
+    src = video_source(tmp_path / "mixed", micro=50, max_corrupt_fraction=0.05)
+    try:
+        src.next_batch()
+        assert sum(src.corrupt.values()) == 2
+    finally:
+        src.close()
+    src = video_source(tmp_path / "mixed", micro=50, max_corrupt_fraction=0.01)
+    try:
+        with pytest.raises(DataError, match="2 samples failed to read or decode"):
+            src.next_batch()
+    finally:
+        src.close()
+
+
+def test_a_video_folder_builds_and_skips_undecodable_files(tmp_path):
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    (folder / "a.mp4").write_bytes(encode_mp4(np.zeros((9, 16, 16, 3), np.uint8), 8))
+    (folder / "a.txt").write_text("a black clip")
+    (folder / "b.mp4").write_bytes(b"garbage")
+    (folder / "b.txt").write_text("never read")
+    assert build_main([str(folder), "--out", str(tmp_path / "out")]) == 0
+    index = json.loads(next((tmp_path / "out").glob("*.index.json")).read_text())
+    ((_key, _offset, _size, meta),) = index["samples"]
+    assert meta["frames"] == 9 and meta["width"] == 16
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        (["data.num_frames=8"], "data.num_frames: 8: the video_vae needs 1 + 2 * k frames"),
+        (["data.resolutions=[[15, 16]]"], "data.resolutions[0]: [15, 16] is not divisible by the downsampling factor 2"),
+        (["data.kind=images"], "data.kind: 'images': a video_vae trains on kind 'video'"),
+    ],
+)  # fmt: skip
+def test_video_recipes_that_do_not_fit_get_one_line(overrides, problem):
+    with pytest.raises(ConfigError) as err:
+        load_config("recipes/tiny/video_vae.yaml", overrides)
+    assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
