@@ -130,3 +130,38 @@ def test_video_recipes_that_do_not_fit_get_one_line(overrides, problem):
     with pytest.raises(ConfigError) as err:
         load_config("recipes/tiny/video_vae.yaml", overrides)
     assert any(p.startswith(problem) for p in err.value.problems), err.value.problems
+
+
+def test_the_video_vae_trains_with_the_patchgan_and_perceptual_net_on_frames(moving, tmp_path):
+    """The reference recipe's path on the tiny model: discriminator and feature network see
+    frames (B * T, 3, H, W); both phases step and evaluation draws the frame strips."""
+    import torch.nn as nn
+
+    from cluster.env import DistEnv
+    from trainer import distributed as D
+    from trainer.loop import Trainer
+
+    net = tmp_path / "features.pt"
+    torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())).save(str(net))
+    cfg = load_config(
+        "recipes/tiny/video_vae.yaml",
+        [f"run.output_dir={tmp_path / 'run'}", f"data.urls={moving}", "run.max_steps=3",
+         "objective.gan_weight=0.1", "objective.gan_start_step=0", "objective.disc_channels=8",
+         "objective.disc_layers=1", f"objective.perceptual={net}", "train.log_every=1",
+         "eval.every=3", "checkpoint.every=3", "logging.progress_bar=false",
+         "data.num_workers=1", "train.batch_size=4", "objective.eval_images=2",
+         "schedule.warmup_steps=1"],
+    )  # fmt: skip
+    trainer = Trainer(cfg, DistEnv("single"))
+    try:
+        assert trainer.run() == 0
+    finally:
+        D.close()
+    records = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert len(records) == 3 and all(r["perceptual"] > 0 for r in records)
+    assert all(r["discriminator/loss"] > 0 and r["g_weight"] > 0 for r in records)
+    assert (tmp_path / "run" / "samples" / "reconstructions_step00000003.png").is_file()
+
+
+def read_metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
