@@ -6,7 +6,8 @@
         --sample-rate 8000 --seconds 1.0 [--channels 1]
 
 An audio VAE (1-D) reads audio shards instead: windows of ``--seconds`` at
-``--sample-rate`` (shorter clips zero-padded, as in training).
+``--sample-rate`` (shorter clips zero-padded, as in training); a video VAE reads video
+shards, ``--frames`` per clip at ``--resolution``.
 
 Encodes up to ``--images`` images (posterior means) and stores the SD3-style single
 shift and scale (mean and 1 / std over every latent element, also printed per channel)
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--channels", type=int, default=None, help="audio: 1 or 2 (default: the model's)"
     )
+    parser.add_argument("--frames", type=int, default=None, help="video: frames per clip")
     parser.add_argument("--out", type=Path, default=None, help="write here instead of in place")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -98,6 +100,12 @@ def main(argv: list[str] | None = None) -> int:
             data["audio_channels"] = args.channels or autoencoder.cfg.in_channels
         elif args.sample_rate or args.seconds or args.channels:
             raise ValueError("--sample-rate, --seconds and --channels are for audio autoencoders")
+        if getattr(autoencoder, "signal_axes", 2) == 3:
+            if args.frames is None:
+                raise ValueError("a video autoencoder needs --frames (1 + its temporal factor * k)")
+            data.update(kind="video", num_frames=args.frames)
+        elif args.frames is not None:
+            raise ValueError("--frames is for video autoencoders")
         if args.resolution:
             data["resolutions"] = [list(args.resolution)]
         data_cfg = from_dict(WebDatasetConfig, data, source="--data/--resolution")
