@@ -1,5 +1,5 @@
-"""Audio samples: the built-in synthetic tones, audio-folder reading, and the loader's
-decode / resample / crop-or-pad step.
+"""Audio samples: the built-in synthetic tones, what a folder's clips hold, and the
+loader's decode / resample / crop-or-pad step.
 
 Shards hold ``flac`` (or ``wav``) members and a ``json`` with ``{"sample_rate",
 "duration"}``. The loader returns, per sample, ``x`` (C, T) float in [-1, 1] over a
@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import math
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,41 +81,15 @@ def tones_samples(num: int, rate: int, seed: int) -> Iterator[tuple[str, dict, d
         yield f"{i:06d}", fields, meta
 
 
-def audio_folder_samples(
-    files: list[Path], root: Path, captions: dict[str, str] | None, limit: int | None,
-    skipped: Counter,
-) -> Iterator[tuple[str, dict, dict]]:  # fmt: skip
-    """wav/flac files with a sidecar NAME.txt caption (or a manifest); unreadable ones skipped."""
+def describe_audio(data: bytes) -> dict:
+    """(sample_rate, duration, channels) of an encoded clip; ValueError if undecodable."""
     import soundfile as sf
 
-    written = 0
-    for path in files:
-        if limit is not None and written >= limit:
-            return
-        rel = path.relative_to(root).as_posix()
-        if captions is not None:
-            caption = captions.get(rel, captions.get(path.name))
-        else:
-            sidecar = path.with_suffix(".txt")
-            caption = sidecar.read_text().strip() if sidecar.is_file() else None
-        if not caption:
-            skipped["missing caption"] += 1
-            continue
-        data = path.read_bytes()
-        try:
-            info = sf.info(io.BytesIO(data))
-        except (sf.LibsndfileError, RuntimeError, TypeError):
-            skipped["undecodable audio"] += 1
-            continue
-        meta = {"sample_rate": info.samplerate, "duration": info.duration,
-                "channels": info.channels, "source": rel}  # fmt: skip
-        fields = {
-            AUDIO_EXTS[path.suffix.lower()]: data,
-            "txt": caption.encode(),
-            "json": json.dumps(meta).encode(),
-        }
-        yield f"{written:08d}", fields, meta
-        written += 1
+    try:
+        info = sf.info(io.BytesIO(data))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as err:
+        raise ValueError(err) from None
+    return {"sample_rate": info.samplerate, "duration": info.duration, "channels": info.channels}
 
 
 def decode_audio(data: bytes, *, rate: int, channels: int, resample: bool) -> np.ndarray:

@@ -38,7 +38,7 @@ import io
 import json
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -182,20 +182,32 @@ def _read_manifest(path: Path) -> dict[str, str]:
     return out
 
 
-def folder_samples(
-    folder: Path, manifest: Path | None, limit: int | None, skipped: Counter
-) -> Iterator[Sample]:
+def _describe_image(data: bytes) -> dict[str, Any]:
     from PIL import Image, UnidentifiedImageError
 
-    captions = _read_manifest(manifest) if manifest else None
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
-    if not files:
-        raise BuildError(f"no images (png/jpg/jpeg/webp) under {folder}")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(err) from None
+    return {"width": width, "height": height, "aspect": width / height}
+
+
+def media_folder_samples(
+    files: list[Path], root: Path, captions: dict[str, str] | None, limit: int | None,
+    skipped: Counter, kind: str, exts: dict[str, str],
+    describe: Callable[[bytes], dict[str, Any]],
+) -> Iterator[Sample]:  # fmt: skip
+    """Media files of one ``kind`` under ``root``, captioned by the manifest ``captions``
+    (relative path or file name) or a sidecar NAME.txt; ``describe`` gives each file's
+    planning metadata and raises ValueError for one it cannot decode (skipped, counted)."""
     written = 0
     for path in files:
         if limit is not None and written >= limit:
             return
-        rel = path.relative_to(folder).as_posix()
+        rel = path.relative_to(root).as_posix()
         if captions is not None:
             caption = captions.get(rel, captions.get(path.name))
         else:
@@ -206,24 +218,25 @@ def folder_samples(
             continue
         data = path.read_bytes()
         try:
-            with Image.open(io.BytesIO(data)) as image:
-                image.verify()
-            with Image.open(io.BytesIO(data)) as image:
-                width, height = image.size
-        except (UnidentifiedImageError, OSError, SyntaxError):
-            skipped["undecodable image"] += 1
+            meta = {**describe(data), "source": rel}
+        except ValueError:
+            skipped[f"undecodable {kind}"] += 1
             continue
-        meta = {"width": width, "height": height, "aspect": width / height, "source": rel}
-        yield (
-            f"{written:08d}",
-            {
-                IMAGE_EXTS[path.suffix.lower()]: data,
-                "txt": caption.encode(),
-                "json": json.dumps(meta).encode(),
-            },
-            meta,
-        )
+        fields = {exts[path.suffix.lower()]: data, "txt": caption.encode()}
+        yield f"{written:08d}", {**fields, "json": json.dumps(meta).encode()}, meta
         written += 1
+
+
+def folder_samples(
+    folder: Path, manifest: Path | None, limit: int | None, skipped: Counter
+) -> Iterator[Sample]:
+    captions = _read_manifest(manifest) if manifest else None
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise BuildError(f"no images (png/jpg/jpeg/webp) under {folder}")
+    return media_folder_samples(
+        files, folder, captions, limit, skipped, "image", IMAGE_EXTS, _describe_image
+    )
 
 
 def text_samples(
@@ -355,8 +368,8 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                 raise BuildError(f"no .txt files under {source}")
             samples = text_samples(files, args.chars_per_sample, args.limit, skipped)
         else:
-            from data_pipeline.audio import AUDIO_EXTS, audio_folder_samples
-            from data_pipeline.video import VIDEO_EXTS, video_folder_samples
+            from data_pipeline.audio import AUDIO_EXTS, describe_audio
+            from data_pipeline.video import VIDEO_EXTS, probe
 
             audio = sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTS)
             videos = sorted(p for p in path.rglob("*") if p.suffix.lower() in VIDEO_EXTS)
@@ -367,12 +380,16 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
                 if not videos:
                     raise BuildError(f"no videos (mp4) under {source}")
                 captions = _read_manifest(manifest) if manifest else None
-                samples = video_folder_samples(videos, path, captions, args.limit, skipped)
+                samples = media_folder_samples(
+                    videos, path, captions, args.limit, skipped, "video", VIDEO_EXTS, probe
+                )
             elif args.kind == "audio" or (only and audio):
                 if not audio:
                     raise BuildError(f"no audio (wav/flac) under {source}")
                 captions = _read_manifest(manifest) if manifest else None
-                samples = audio_folder_samples(audio, path, captions, args.limit, skipped)
+                samples = media_folder_samples(
+                    audio, path, captions, args.limit, skipped, "audio", AUDIO_EXTS, describe_audio
+                )
             else:
                 samples = folder_samples(path, manifest, args.limit, skipped)
         total = args.limit

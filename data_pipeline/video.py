@@ -1,4 +1,4 @@
-"""Video samples: mp4 encoding, video-folder reading, and the loader's decode step (PyAV).
+"""Video samples: mp4 encoding, what a folder's clips hold, and the loader's decode step (PyAV).
 The built-in moving digits are a build source (``data_pipeline.build``).
 
 Shards hold ``mp4`` members (H.264, yuv420p) and a ``json`` with ``{"width", "height",
@@ -14,10 +14,6 @@ Shapes: T frames, H x W pixels.
 from __future__ import annotations
 
 import io
-import json
-from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,44 +44,22 @@ def encode_mp4(frames_THWC: np.ndarray, fps: int, crf: int = 12) -> bytes:
 
 
 def probe(data: bytes) -> dict:
-    """(width, height, frames, fps, duration) of an encoded video; raises if undecodable."""
+    """(width, height, frames, fps, duration) of an encoded video; ValueError if undecodable."""
     import av
 
+    try:
+        return _probe(av, data)
+    except Exception as err:  # PyAV raises its own error types for every broken container
+        raise ValueError(err) from None
+
+
+def _probe(av, data: bytes) -> dict:
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
         frames = sum(1 for _ in container.decode(video=0))
         fps = float(stream.average_rate or 0) or None
         return {"width": stream.width, "height": stream.height, "aspect": stream.width / stream.height,
                 "frames": frames, "fps": fps, "duration": frames / fps if fps else None}  # fmt: skip
-
-
-def video_folder_samples(
-    files: list[Path], root: Path, captions: dict[str, str] | None, limit: int | None,
-    skipped: Counter,
-) -> Iterator[tuple[str, dict, dict]]:  # fmt: skip
-    """mp4 files with a sidecar NAME.txt caption (or a manifest); undecodable ones skipped."""
-    written = 0
-    for path in files:
-        if limit is not None and written >= limit:
-            return
-        rel = path.relative_to(root).as_posix()
-        if captions is not None:
-            caption = captions.get(rel, captions.get(path.name))
-        else:
-            sidecar = path.with_suffix(".txt")
-            caption = sidecar.read_text().strip() if sidecar.is_file() else None
-        if not caption:
-            skipped["missing caption"] += 1
-            continue
-        data = path.read_bytes()
-        try:
-            meta = {**probe(data), "source": rel}
-        except Exception:  # PyAV raises its own error types for every broken container
-            skipped["undecodable video"] += 1
-            continue
-        fields = {"mp4": data, "txt": caption.encode(), "json": json.dumps(meta).encode()}
-        yield f"{written:08d}", fields, meta
-        written += 1
 
 
 def decode_video(

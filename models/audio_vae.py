@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from configlib import option
-from models.autoencoder import Autoencoder
+from models.autoencoder import VariationalAutoencoder
 from models.common.init import ParamInit
 from models.common.parallelize import ParallelPlan, apply_parallelism
+from models.common.presets import resolve_preset
 from models.kl_vae import LOGVAR_RANGE
 
 # hidden channels per level (the stem's first), strides between levels, latent channels
@@ -54,11 +55,7 @@ class AudioVAEConfig:
     shift: float | None = option(None, "Latent shift (see scale).")
 
     def dims(self) -> dict:
-        dims = dict(PRESETS[self.size])
-        for key in dims:
-            if getattr(self, key) is not None:
-                dims[key] = getattr(self, key)
-        return dims
+        return resolve_preset(PRESETS, self.size, self)
 
     def check(self, given: set[str]) -> list[tuple[str, str]]:
         dims, out = self.dims(), []
@@ -124,11 +121,10 @@ class UpLevel(nn.Module):
         return self.units(self.up(self.act(x_BCT)))
 
 
-class AudioVAE(Autoencoder):
+class AudioVAE(VariationalAutoencoder):
     """Trainable like the KL-VAE: ``forward`` gives (reconstruction, mean, logvar) from a
     posterior sample; ``encode`` / ``decode`` use the mean."""
 
-    variational = True
     signal_axes = 1
 
     def __init__(self, cfg: AudioVAEConfig):
@@ -160,25 +156,12 @@ class AudioVAE(Autoencoder):
         mean, logvar = self.encoder_out(self.encoder_act(h)).chunk(2, dim=1)
         return mean, logvar.clamp(*LOGVAR_RANGE)
 
-    def encode_raw(self, audio_BCT: torch.Tensor) -> torch.Tensor:
-        return self.encode_moments(audio_BCT)[0]
-
     def decode_raw(self, latents_BCT: torch.Tensor) -> torch.Tensor:
         self.check_latents(latents_BCT)
         h = self.decoder_in(latents_BCT)
         for level in self.decoder:
             h = level(h)
         return self.decoder_out(self.decoder_act(h))
-
-    def forward(
-        self, audio_BCT: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(reconstruction of mean + std * noise, mean, logvar); zeros decode the mean."""
-        mean, logvar = self.encode_moments(audio_BCT)
-        if noise is None:
-            noise = torch.randn_like(mean)
-        recon = self.decode_raw(mean + torch.exp(0.5 * logvar) * noise.to(mean))
-        return recon, mean.clone(), logvar
 
     def init_weights(self, seed: int) -> None:
         """PyTorch's default conv init, Snake alphas 1; name-seeded (same under any sharding)."""
@@ -191,18 +174,6 @@ class AudioVAE(Autoencoder):
                 init.uniform_(module.bias, -bound, bound)
             elif isinstance(module, Snake):
                 init.ones_(module.alpha)
-
-
-def no_diffusers_layout(path) -> tuple[AudioVAEConfig, dict]:
-    """There is no diffusers adapter for this layout (diffusers' AutoencoderOobleck uses
-    weight-normalised convs); only files from trainer.export load."""
-    from configlib import ConfigError
-
-    raise ConfigError(
-        [
-            f"autoencoder.path: {path}: an audio_vae loads from a trainer.export .safetensors, not a diffusers folder"
-        ]
-    )
 
 
 def build(cfg: AudioVAEConfig) -> AudioVAE:

@@ -86,6 +86,30 @@ class Autoencoder(nn.Module, ABC):
         return (self.latent_channels, *(size // self.downsample for size in sizes))
 
 
+class VariationalAutoencoder(Autoencoder):
+    """A trainable autoencoder with a diagonal Gaussian posterior: subclasses give
+    ``encode_moments`` (mean, log-variance) and ``decode_raw``."""
+
+    variational = True
+
+    @abstractmethod
+    def encode_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and (clamped) log-variance, each shaped like the latents."""
+
+    def encode_raw(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode_moments(x)[0]
+
+    def forward(
+        self, x: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction of mean + std * noise, mean, logvar); zeros decode the mean."""
+        mean, logvar = self.encode_moments(x)
+        if noise is None:
+            noise = torch.randn_like(mean)
+        recon = self.decode_raw(mean + torch.exp(0.5 * logvar) * noise.to(mean))
+        return recon, mean.clone(), logvar  # clone: no view of the moments leaves forward
+
+
 class IdentityAutoencoder(Autoencoder):
     def encode_raw(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         return images_BCHW

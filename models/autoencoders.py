@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from configlib import from_dict, option
+from configlib import ConfigError, from_dict, option
 from models import audio_vae, dc_ae, kl_vae, video_vae
 from models.audio_vae import AudioVAEConfig
 from models.autoencoder import Autoencoder, IdentityAutoencoder, IdentityAutoencoderConfig
@@ -35,6 +35,19 @@ class _Family:
     architecture: tuple[str, ...]  # keys that a recipe may repeat but not contradict
 
 
+def _exported_only(name: str) -> Callable[[Path], tuple[Any, dict]]:
+    """The loader of a family without a diffusers layout: a directory is a user mistake."""
+
+    def load(path: Path) -> tuple[Any, dict]:
+        raise ConfigError(
+            [
+                f"autoencoder.path: {path}: a {name} loads from a trainer.export .safetensors, not a diffusers folder"
+            ]
+        )
+
+    return load
+
+
 FAMILIES: dict[str, _Family] = {
     "kl_vae": _Family(
         KLVAEConfig, kl_vae.KLVAE, kl_vae.load_diffusers_checkpoint,
@@ -46,11 +59,11 @@ FAMILIES: dict[str, _Family] = {
          "head_dim", "qkv_kernels", "decoder_norms", "decoder_acts"),
     ),
     "audio_vae": _Family(
-        AudioVAEConfig, audio_vae.AudioVAE, audio_vae.no_diffusers_layout,
+        AudioVAEConfig, audio_vae.AudioVAE, _exported_only("audio_vae"),
         ("channels", "strides", "latent_channels"),
     ),
     "video_vae": _Family(
-        VideoVAEConfig, video_vae.VideoVAE, video_vae.no_diffusers_layout,
+        VideoVAEConfig, video_vae.VideoVAE, _exported_only("video_vae"),
         ("channels", "layers_per_block", "temporal_down", "latent_channels", "norm_groups"),
     ),
 }  # fmt: skip

@@ -33,6 +33,7 @@ from models.common.attention import attention
 from models.common.diffusers_io import listing, model_directory, read_config, read_weights
 from models.common.init import ParamInit
 from models.common.parallelize import ParallelPlan, apply_parallelism
+from models.common.presets import resolve_preset
 
 # channels per level (the first is the stem's), residual blocks per encoder level
 # (decoder: one more), latent channels, GroupNorm groups, quant convs, latent scale/shift
@@ -74,11 +75,7 @@ class KLVAEConfig:
     shift: float | None = option(None, "Latent shift (see scale).")
 
     def dims(self) -> dict:
-        dims = dict(PRESETS[self.size])
-        for key in dims:
-            if getattr(self, key) is not None:
-                dims[key] = getattr(self, key)
-        return dims
+        return resolve_preset(PRESETS, self.size, self)
 
     def check(self, given: set[str]) -> list[tuple[str, str]]:
         dims, out = self.dims(), []

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from configlib import option
-from models.autoencoder import Autoencoder
+from models.autoencoder import VariationalAutoencoder
 from models.common.init import ParamInit
 from models.common.parallelize import ParallelPlan, apply_parallelism
+from models.common.presets import resolve_preset
 from models.kl_vae import LOGVAR_RANGE
 
 # channels per level (the first is the stem's), residual blocks per level, which level
@@ -54,11 +55,7 @@ class VideoVAEConfig:
     shift: float | None = option(None, "Latent shift (see scale).")
 
     def dims(self) -> dict:
-        dims = dict(PRESETS[self.size])
-        for key in dims:
-            if getattr(self, key) is not None:
-                dims[key] = getattr(self, key)
-        return dims
+        return resolve_preset(PRESETS, self.size, self)
 
     def check(self, given: set[str]) -> list[tuple[str, str]]:
         dims, out = self.dims(), []
@@ -145,10 +142,9 @@ class Level(nn.Module):
         return x
 
 
-class VideoVAE(Autoencoder):
+class VideoVAE(VariationalAutoencoder):
     """Trainable like the KL-VAE: ``forward`` gives (reconstruction, mean, logvar)."""
 
-    variational = True
     signal_axes = 3
 
     def __init__(self, cfg: VideoVAEConfig):
@@ -208,24 +204,12 @@ class VideoVAE(Autoencoder):
         mean, logvar = self.encoder_out(F.silu(self.encoder_norm(h))).chunk(2, dim=1)
         return mean, logvar.clamp(*LOGVAR_RANGE)
 
-    def encode_raw(self, video: torch.Tensor) -> torch.Tensor:
-        return self.encode_moments(video)[0]
-
     def decode_raw(self, latents: torch.Tensor) -> torch.Tensor:
         self.check_latents(latents)
         h = self.decoder_in(latents)
         for level in self.decoder:
             h = level(h)
         return self.decoder_out(F.silu(self.decoder_norm(h)))
-
-    def forward(
-        self, video: torch.Tensor, noise: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mean, logvar = self.encode_moments(video)
-        if noise is None:
-            noise = torch.randn_like(mean)
-        recon = self.decode_raw(mean + torch.exp(0.5 * logvar) * noise.to(mean))
-        return recon, mean.clone(), logvar
 
     def init_weights(self, seed: int) -> None:
         """PyTorch's conv defaults, except that every causal conv starts as its 2-D
@@ -244,17 +228,6 @@ class VideoVAE(Autoencoder):
                     weight = module.weight
                     local = weight.to_local() if hasattr(weight, "to_local") else weight
                     local[:, :, :-1].zero_()
-
-
-def no_diffusers_layout(path) -> tuple[VideoVAEConfig, dict]:
-    """No diffusers adapter for this layout; only files from trainer.export load."""
-    from configlib import ConfigError
-
-    raise ConfigError(
-        [
-            f"autoencoder.path: {path}: a video_vae loads from a trainer.export .safetensors, not a diffusers folder"
-        ]
-    )
 
 
 def build(cfg: VideoVAEConfig) -> VideoVAE:
