@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # pip prints a warning per package for the machine's optional local indexes; hide only those
 QUIET_PIP := sed "/is ignored: it is neither a file nor a directory/d"
 
-.PHONY: install demo test lint format clean arith
+.PHONY: install demo test lint format clean arith audio-inputs video-inputs
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,6 +51,32 @@ $(ARITH): $(ARITH_TOKENIZER)
 	$(PY) -m data_pipeline.build data/arith_text --tokenizer $(ARITH_TOKENIZER) --out data/arith
 
 arith: $(ARITH)
+
+# Audio DiT inputs (recipes/tiny/audio_dit.yaml): the built-in tones at 4 kHz and a
+# tokenizer trained on their captions for the tiny T5.
+TONES := data/tones4k/shard-000000.tar.index.json
+TONES_TOKENIZER := data/tokenizer/tones.model
+
+$(TONES): | $(STAMP)
+	$(PY) -m data_pipeline.build builtin:tones --out data/tones4k --sample-rate 4000 --shard-size 128
+
+$(TONES_TOKENIZER): $(TONES)
+	$(PY) -m data_pipeline.tokenizer train --input data/tones4k --out data/tokenizer/tones --vocab-size 32 --model-type bpe
+
+audio-inputs: $(TONES_TOKENIZER)
+
+# Video DiT inputs (recipes/tiny/video_dit.yaml): 8-frame moving digits at 16 px and a
+# tokenizer trained on their captions.
+MOVING := data/moving8/shard-000000.tar.index.json
+MOVING_TOKENIZER := data/tokenizer/moving.model
+
+$(MOVING): | $(STAMP)
+	$(PY) -m data_pipeline.build builtin:moving_digits --out data/moving8 --size 16 --frames 8 --shard-size 128
+
+$(MOVING_TOKENIZER): $(MOVING)
+	$(PY) -m data_pipeline.tokenizer train --input data/moving8 --out data/tokenizer/moving --vocab-size 40 --model-type bpe
+
+video-inputs: $(MOVING_TOKENIZER)
 
 # The main job, shrunk to 2 CPU cores: the SD3-like recipe's tiny twin on digit shards.
 demo: $(STAMP) $(TOKENIZER)

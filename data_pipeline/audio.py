@@ -159,3 +159,108 @@ def log_spectrogram(
     db = 20 * torch.log10(spec.clamp_min(1e-7))
     db = (db - db.max()).clamp_min(floor_db)
     return (db.flip(0) / -floor_db * 2 + 1).numpy()
+
+
+# --------------------------------------------------------------------- the tones' judge
+def caption_note(caption: str) -> str | None:
+    """The note a built-in tones caption names ("a bright tone at G4" -> "G4"), else None."""
+    words = caption.split()
+    return words[-1] if len(words) > 2 and words[-2] == "at" and words[-1] in NOTES else None
+
+
+def nearest_note(hz: float) -> str:
+    """The scale note closest to ``hz`` in pitch (log frequency)."""
+    return min(NOTES, key=lambda n: abs(math.log2(max(hz, 1e-3) / NOTES[n])))
+
+
+def dominant_hz(wave_T: np.ndarray, rate: int) -> float:
+    """Frequency of the largest FFT magnitude (DC excluded) of a Hann-windowed clip."""
+    if len(wave_T) < 2:
+        return 0.0
+    spectrum = np.abs(np.fft.rfft(wave_T * np.hanning(len(wave_T))))
+    spectrum[0] = 0.0
+    return float(np.fft.rfftfreq(len(wave_T), 1 / rate)[spectrum.argmax()])
+
+
+def judge_tones(
+    samples_NCT: np.ndarray,
+    rate: int,
+    captions: list[str],
+    seconds_total: np.ndarray,
+    *,
+    margin: float = 0.05,
+    tail_ratio: float = 0.1,
+) -> dict[str, float]:
+    """How well generated clips follow tones prompts and requested durations.
+
+    * ``pitch_match``: share of clips whose dominant frequency over the requested
+      duration is nearest the prompted note (clips whose caption names no note skipped);
+    * ``duration_ok``: share of clips, among those requested shorter than the window by
+      at least 0.1 s, whose mean energy from ``margin`` s after the requested end is below
+      ``tail_ratio`` of the energy before it (the clip stops where asked) and not silent;
+    * ``tail_energy``: the median of that energy ratio (1: no sign of an end).
+    """
+    mono = samples_NCT.mean(1)
+    pitch, ends, ratios = [], [], []
+    for wave, caption, seconds in zip(mono, captions, np.asarray(seconds_total), strict=True):
+        end = min(len(wave), max(1, round(float(seconds) * rate)))
+        body = wave[:end]
+        note = caption_note(caption)
+        if note is not None:
+            pitch.append(nearest_note(dominant_hz(body, rate)) == note)
+        tail = wave[min(len(wave), end + round(margin * rate)) :]
+        if len(tail) >= round(0.1 * rate):
+            body_energy = float(np.mean(body**2))
+            ratio = float(np.mean(tail**2)) / max(body_energy, 1e-12)
+            ratios.append(ratio)
+            ends.append(ratio < tail_ratio and body_energy > 1e-4)
+    out = {}
+    if pitch:
+        out["pitch_match"] = float(np.mean(pitch))
+    if ends:
+        out["duration_ok"] = float(np.mean(ends))
+        out["tail_energy"] = float(np.median(ratios))
+    return out
+
+
+def write_audio_samples(
+    samples_NCT: np.ndarray,
+    rate: int,
+    out_dir: Path,
+    tag: str,
+    prompts: list[str] | None = None,
+    seconds: np.ndarray | None = None,
+    *,
+    per_clip: bool = False,
+) -> None:
+    """Generated clips -> ``{tag}.png``, their spectrograms a row each, labelled with
+    prompt and requested length; and either ``{tag}_{i:03d}.wav`` per clip (evaluation)
+    or, with ``per_clip``, ``{i:03d}.png`` per clip (the caller writes its wav files)."""
+    from data_pipeline.grid import save_grid
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clips = torch.from_numpy(np.ascontiguousarray(samples_NCT, dtype=np.float32))
+    if not per_clip:
+        for i, clip in enumerate(clips):
+            save_clip(clip, rate, out_dir / f"{tag}_{i:03d}.wav")
+    size = 1 << max(5, min(10, round(math.log2(rate / 32))))  # ~30 ms frames
+    images = np.stack([log_spectrogram(clip.mean(0), size)[None] for clip in clips])
+    labels = [
+        " ".join(
+            part
+            for part in (
+                prompts[i] if prompts is not None else "",
+                f"{float(seconds[i]):.2f} s" if seconds is not None else "",
+            )
+            if part
+        )
+        for i in range(len(clips))
+    ]
+    save_grid(
+        images, out_dir / f"{tag}.png", columns=1,
+        row_labels=labels if any(labels) else None, min_cell=128,
+    )  # fmt: skip
+    if per_clip:
+        for i, image in enumerate(images):
+            save_grid(image[None], out_dir / f"{i:03d}.png", columns=1,
+                      row_labels=[labels[i]] if labels[i] else None, min_cell=128)  # fmt: skip

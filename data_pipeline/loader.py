@@ -50,6 +50,7 @@ import numpy as np
 import torch
 
 from configlib import option
+from data_pipeline.grid import save_grid
 from data_pipeline.shards import ShardIndex, expand_urls, load_index, parse_sample, retry
 from data_pipeline.sources import agreed_position
 from data_pipeline.storage import storage_errors
@@ -572,14 +573,65 @@ class WebDatasetSource(ShardedSource):
             self._eval_captions = sorted(captions)
         return [self._eval_captions[i % len(self._eval_captions)] for i in range(count)]
 
+    def eval_conditions(self, count: int, *, prompts: bool) -> dict[str, Any]:
+        """What ``count`` evaluation samples are generated for: ``prompts`` (when asked)
+        and, for audio, each clip's timing. Audio takes the first clips' captions and
+        durations (requested from second 0: the window a clip of that length would give);
+        other kinds take :meth:`eval_prompts`."""
+        if self.cfg.kind != "audio":
+            return {"prompts": self.eval_prompts(count)} if prompts else {}
+        batch = self.eval_audio(count)
+        rows = [i % len(batch["index"]) for i in range(count)]
+        out: dict[str, Any] = {
+            "seconds_start": torch.zeros(count),
+            "seconds_total": batch["seconds_total"][rows].clamp(max=self.cfg.window_seconds),
+        }
+        if prompts:
+            if "caption" not in batch:
+                raise DataError("no captions found for evaluation prompts")
+            out["prompts"] = [batch["caption"][i] for i in rows]
+        return out
+
     def evaluate_samples(
-        self, samples: np.ndarray, out_dir: Path | None, step: int
+        self,
+        samples: np.ndarray,
+        out_dir: Path | None,
+        step: int,
+        conditions: dict[str, Any] | None = None,
     ) -> dict[str, float]:
-        """Write a grid of generated images (kind: images); no distance for images here."""
+        """Write what was generated: a grid of images; for video an mp4 per clip and one
+        PNG of their frames, a clip per row; for audio a wav per clip and one PNG of their
+        spectrograms labelled with prompt and length. Audio prompted with the built-in
+        tones' captions is scored (:func:`data_pipeline.audio.judge_tones`)."""
+        if self.cfg.kind == "audio":
+            return self._evaluate_audio(samples, out_dir, step, conditions or {})
+        if out_dir is not None and self.cfg.kind == "video":
+            from data_pipeline.video import write_video_samples
+
+            prompts = (conditions or {}).get("prompts")
+            write_video_samples(samples, out_dir, f"samples_step{step:08d}", prompts=prompts)
         if out_dir is not None and self.cfg.kind == "images":
             out_dir.mkdir(parents=True, exist_ok=True)
             save_grid(samples, out_dir / f"samples_step{step:08d}.png")
         return {"eval/pixel_mean": float(samples.mean()), "eval/pixel_std": float(samples.std())}
+
+    def _evaluate_audio(
+        self, samples: np.ndarray, out_dir: Path | None, step: int, conditions: dict[str, Any]
+    ) -> dict[str, float]:
+        from data_pipeline.audio import judge_tones, write_audio_samples
+
+        rate = self.cfg.sample_rate
+        metrics = {"eval/rms": float(np.sqrt(np.mean(samples**2)))}
+        prompts, seconds = conditions.get("prompts"), conditions.get("seconds_total")
+        if prompts is not None and seconds is not None:
+            scores = judge_tones(samples, rate, prompts, np.asarray(seconds))
+            metrics.update({f"eval/{k}": v for k, v in scores.items()})
+        if out_dir is not None:
+            write_audio_samples(
+                samples, rate, out_dir, f"samples_step{step:08d}", prompts,
+                None if seconds is None else np.asarray(seconds),
+            )  # fmt: skip
+        return metrics
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -593,48 +645,6 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             batch[key] = values
     return batch
-
-
-def save_grid(
-    images_NCHW: np.ndarray,
-    path: Path,
-    columns: int | None = None,
-    row_labels: list[str] | None = None,
-    min_cell: int = 32,
-) -> None:
-    """Images in [-1, 1] -> one PNG grid (written atomically). Images smaller than
-    ``min_cell`` px are enlarged by a whole factor (nearest neighbour, so pixels stay
-    pixels); ``row_labels`` (e.g. each row's prompt) are written left of their rows."""
-    from PIL import Image, ImageDraw
-
-    n, c, h, w = images_NCHW.shape
-    columns = columns or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / columns)
-    scale = max(1, math.ceil(min_cell / max(h, w)))
-    pixels = (
-        ((np.clip(images_NCHW, -1, 1) + 1) * 127.5).round().astype(np.uint8).transpose(0, 2, 3, 1)
-    )
-    pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
-    h, w = h * scale, w * scale
-    grid = np.full((rows * (h + 2), columns * (w + 2), c), 255, dtype=np.uint8)
-    for i in range(n):
-        r, col = divmod(i, columns)
-        grid[r * (h + 2) + 1 : r * (h + 2) + 1 + h, col * (w + 2) + 1 : col * (w + 2) + 1 + w] = (
-            pixels[i]
-        )
-    image = Image.fromarray(grid[..., 0] if c == 1 else grid).convert("RGB")
-    if row_labels:
-        draw = ImageDraw.Draw(image)
-        margin = 8 + max(int(draw.textlength(label)) for label in row_labels)
-        labelled = Image.new("RGB", (image.width + margin, image.height), "white")
-        labelled.paste(image, (margin, 0))
-        draw = ImageDraw.Draw(labelled)
-        for r, label in enumerate(row_labels[:rows]):
-            draw.text((4, r * (h + 2) + (h + 2) // 2 - 5), label, fill="black")
-        image = labelled
-    tmp = path.with_name(path.name + ".tmp.png")
-    image.save(tmp)
-    tmp.replace(path)
 
 
 def describe(urls: list[str]) -> str:

@@ -136,8 +136,14 @@ class GaussianMixtureSource:
     def sample_shape(self) -> tuple[int, ...]:
         return (2,)
 
+    def eval_conditions(self, count: int, *, prompts: bool) -> dict[str, Any]:
+        """Unconditional points: nothing to generate them for."""
+        if prompts:
+            raise ValueError("the Gaussian mixture has no captions to prompt with")
+        return {}
+
     def evaluate_samples(
-        self, samples_ND: np.ndarray, out_dir: Path | None, step: int
+        self, samples_ND: np.ndarray, out_dir: Path | None, step: int, conditions=None
     ) -> dict[str, float]:
         """Distance of generated samples to the mixture, and a scatter plot."""
         reference = self.mixture.sample(len(samples_ND), np.random.default_rng([self.seed, 104729]))

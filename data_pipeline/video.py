@@ -14,6 +14,7 @@ Shapes: T frames, H x W pixels.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -87,3 +88,37 @@ def decode_video(
         out.append(np.asarray(image.crop((left, top, left + width, top + height))))
     video = torch.from_numpy(np.stack(out)).float() / 127.5 - 1.0  # (T, H, W, 3)
     return video.permute(3, 0, 1, 2).contiguous()
+
+
+def to_uint8_frames(video_CTHW: np.ndarray) -> np.ndarray:
+    """A clip in [-1, 1] (C, T, H, W) -> uint8 RGB frames (T, H, W, 3)."""
+    frames = ((np.clip(video_CTHW, -1, 1) + 1) * 127.5).round().astype(np.uint8)
+    frames = frames.transpose(1, 2, 3, 0)
+    return np.repeat(frames, 3, axis=-1) if frames.shape[-1] == 1 else frames
+
+
+def write_video_samples(
+    videos_NCTHW: np.ndarray,
+    out_dir: Path,
+    tag: str,
+    fps: int = 8,
+    prompts: list[str] | None = None,
+    *,
+    per_clip: str = "{tag}_{i:03d}.mp4",
+) -> None:
+    """Generated clips -> an mp4 per clip (``per_clip`` names it) and ``{tag}.png``: the
+    frames of each clip in a row, labelled with its prompt (the quick look)."""
+    from data_pipeline.grid import save_grid
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for i, video in enumerate(videos_NCTHW):
+        frames = to_uint8_frames(video)
+        pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2  # H.264 needs even sides
+        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)))
+        path = out_dir / per_clip.format(tag=tag, i=i)
+        tmp = path.with_name(path.name + ".tmp.mp4")
+        tmp.write_bytes(encode_mp4(frames, fps))
+        tmp.replace(path)
+    n, c, t, h, w = videos_NCTHW.shape
+    strips = videos_NCTHW.transpose(0, 2, 1, 3, 4).reshape(n * t, c, h, w)
+    save_grid(strips, out_dir / f"{tag}.png", columns=t, row_labels=prompts)

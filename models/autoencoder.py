@@ -23,6 +23,7 @@ class IdentityAutoencoderConfig:
     name: str = option("identity", "Autoencoder: 'identity' trains in pixel space.")
     scale: float = option(1.0, "Latent scale: latents = (pixels - shift) * scale.", gt=0)
     shift: float = option(0.0, "Latent shift.")
+    channels: int = option(3, "Channels of the data (3: RGB images; 1 or 2: audio).", ge=1)
 
 
 class Autoencoder(nn.Module, ABC):
@@ -111,6 +112,15 @@ class VariationalAutoencoder(Autoencoder):
 
 
 class IdentityAutoencoder(Autoencoder):
+    """Training in the data's own space (pixels, audio samples): any shape passes."""
+
+    def __init__(self, scale: float = 1.0, shift: float = 0.0, channels: int = 3):
+        super().__init__(scale, shift)
+        self.latent_channels = channels
+
+    def latent_shape(self, channels: int, *sizes: int) -> tuple[int, ...]:
+        return (channels, *sizes)
+
     def encode_raw(self, images_BCHW: torch.Tensor) -> torch.Tensor:
         return images_BCHW
 

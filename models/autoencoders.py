@@ -1,6 +1,6 @@
 """The autoencoders a latent-diffusion recipe or the precompute can name, built frozen.
 
-``autoencoder: {name: identity}`` trains in pixel space; ``{name: kl_vae | dc_ae | audio_vae
+``autoencoder: {name: identity}`` trains in pixel space (``channels: 1`` for mono audio samples); ``{name: kl_vae | dc_ae | audio_vae
 | video_vae, path: FILE}`` loads a KL-VAE, a DC-AE, a 1-D audio VAE or a causal video VAE: FILE is a ``.safetensors`` written by ``python -m trainer.export``
 from a run of that family (its metadata names the architecture, and, after
 ``python -m data_pipeline.latent_stats``, the latent scale/shift), or a local diffusers
@@ -75,8 +75,8 @@ class AutoencoderSection:
 
     REGISTRY: ClassVar[dict[str, type]] = {}
     name: str = option(
-        doc="Autoencoder: 'identity' (pixel space), 'kl_vae', 'dc_ae', 'audio_vae' (1-D) or "
-        "'video_vae' (causal spacetime)."
+        doc="Autoencoder: 'identity' (pixel or sample space), 'kl_vae', 'dc_ae', 'audio_vae' "
+        "(1-D) or 'video_vae' (causal spacetime)."
     )
 
 
@@ -179,7 +179,7 @@ def _merged(cfg: _Pretrained, stored, family: _Family, where: str):
 def build_autoencoder(cfg) -> Autoencoder:
     """The frozen autoencoder ``cfg`` names, weights loaded, in eval mode."""
     if isinstance(cfg, IdentityAutoencoderConfig):
-        return IdentityAutoencoder(cfg.scale, cfg.shift).eval().requires_grad_(False)
+        return IdentityAutoencoder(cfg.scale, cfg.shift, cfg.channels).eval().requires_grad_(False)
     if not isinstance(cfg, _Pretrained) or cfg.name not in FAMILIES:
         raise ValueError(f"unknown autoencoder {getattr(cfg, 'name', cfg)!r}")
     family = FAMILIES[cfg.name]

@@ -485,6 +485,8 @@ class Config:
             out.append(("objective.kl_weight", "has no effect: a DC-AE has no posterior (no KL)"))
         if self.objective.name == "autoencoding":
             out += self._autoencoder_checks(given)
+        else:
+            out += self._latent_audio_checks()
         if self.objective.name not in TEXT_OBJECTIVES:
             for key in ("text_checks", "gen_ppl_run"):
                 if f"eval.{key}" in given:
@@ -501,6 +503,89 @@ class Config:
                     f"{mb} does not divide train.batch_size ({self.train.batch_size})",
                 )
             )
+        return out
+
+    def _latent_audio_checks(self) -> list[tuple[str, str]]:
+        """A diffusion / flow model of audio or video: the audio / video DiT, on that
+        kind, through an autoencoder that reads the data's channels and sizes its patches
+        divide."""
+        kind = getattr(self.data, "kind", None)
+        if self.model.name == "video_dit":
+            return self._latent_video_checks(kind)
+        if self.model.name != "audio_dit":
+            if kind in ("audio", "video"):
+                return [
+                    (
+                        "model.name",
+                        f"{self.model.name!r} cannot model {kind!r} data: use {kind}_dit",
+                    )
+                ]
+            return []
+        if kind != "audio":
+            return [("data.kind", f"{kind!r}: an audio_dit trains on kind 'audio'")]
+        ae = getattr(self.objective, "autoencoder", None)
+        if ae is None:
+            return [
+                (
+                    "objective.autoencoder",
+                    "an audio_dit needs one: audio_vae (latents) or identity with channels "
+                    "= data.audio_channels (raw samples)",
+                )
+            ]
+        out = []
+        if ae.name == "identity":
+            if ae.channels != self.data.audio_channels:
+                out.append(
+                    (
+                        "objective.autoencoder.channels",
+                        f"{ae.channels} differs from data.audio_channels ({self.data.audio_channels})",
+                    )
+                )
+            samples = round(self.data.window_seconds * self.data.sample_rate)
+            if samples % self.model.patch_size:
+                out.append(
+                    (
+                        "data.window_seconds",
+                        f"{self.data.window_seconds} s is {samples} samples, not divisible by "
+                        f"model.patch_size {self.model.patch_size}",
+                    )
+                )
+        elif ae.name != "audio_vae":
+            out.append(("objective.autoencoder.name", f"{ae.name!r} is not an audio autoencoder"))
+        return out
+
+    def _latent_video_checks(self, kind: str | None) -> list[tuple[str, str]]:
+        if kind != "video":
+            return [("data.kind", f"{kind!r}: a video_dit trains on kind 'video'")]
+        ae = getattr(self.objective, "autoencoder", None)
+        if ae is None:
+            return [
+                (
+                    "objective.autoencoder",
+                    "a video_dit needs one: video_vae (latents) or identity (pixels)",
+                )
+            ]
+        if ae.name != "identity":
+            if ae.name != "video_vae":
+                return [("objective.autoencoder.name", f"{ae.name!r} is not a video autoencoder")]
+            return []
+        pt, ph, pw = self.model.patch_size
+        out = []
+        if self.data.num_frames % pt:
+            out.append(
+                (
+                    "data.num_frames",
+                    f"{self.data.num_frames} is not divisible by the temporal patch size {pt}",
+                )
+            )
+        for i, (w, h) in enumerate(self.data.resolutions):
+            if h % ph or w % pw:
+                out.append(
+                    (
+                        f"data.resolutions[{i}]",
+                        f"[{w}, {h}] is not divisible by the patch size {ph}x{pw}",
+                    )
+                )
         return out
 
     def _autoencoder_checks(self, given: set[str]) -> list[tuple[str, str]]:
@@ -617,6 +702,7 @@ def is_resolved_config(path: str | Path) -> bool:
 
 
 UNION_SECTIONS = ("model", "objective", "data")
+NESTED_UNIONS = {"objective": ("autoencoder",)}
 
 
 def merge_layer(base: dict, layer: dict) -> dict:
@@ -632,6 +718,16 @@ def merge_layer(base: dict, layer: dict) -> dict:
             and new["name"] != old.get("name")
         ):
             base.pop(section)
+        elif isinstance(old, dict) and isinstance(new, dict):
+            # unions inside a kept section (the objective's autoencoder) follow the same rule
+            for inner in NESTED_UNIONS.get(section, ()):
+                old_in, new_in = old.get(inner), new.get(inner)
+                if (
+                    isinstance(old_in, dict)
+                    and isinstance(new_in, dict)
+                    and new_in.get("name", old_in.get("name")) != old_in.get("name")
+                ):
+                    base[section] = {k: v for k, v in base[section].items() if k != inner}
     return _merge(base, layer)
 
 

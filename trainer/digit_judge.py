@@ -166,6 +166,64 @@ def judge(images_NHWC: np.ndarray, prompts: list[str], size: int = 16) -> Report
     return Report(rows)
 
 
+MOTION_WORDS = ("left", "right", "up", "down")
+
+
+def glyph_crops(frames_THW: np.ndarray, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per grey frame (T, H, W) in [0, 255]: the ``side`` x ``side`` crop centred on the
+    frame's brightness centroid (the moving digit) and that centroid (T, 2) as (row, col)."""
+    t, h, w = frames_THW.shape
+    weights = frames_THW.astype(np.float64) + 1e-6
+    rows = (weights.sum(2) * np.arange(h)).sum(1) / weights.sum((1, 2))
+    cols = (weights.sum(1) * np.arange(w)).sum(1) / weights.sum((1, 2))
+    crops = []
+    for frame, r, c in zip(frames_THW, rows, cols, strict=True):
+        top = int(np.clip(round(r - side / 2 + 0.5), 0, h - side))
+        left = int(np.clip(round(c - side / 2 + 0.5), 0, w - side))
+        crops.append(frame[top : top + side, left : left + side])
+    return np.stack(crops).astype(np.uint8), np.stack([rows, cols], axis=1)
+
+
+def motion_of(centroids_T2: np.ndarray) -> str:
+    """The direction the centroid travels from the first frame to the last."""
+    d_row, d_col = centroids_T2[-1] - centroids_T2[0]
+    if abs(d_col) >= abs(d_row):
+        return "right" if d_col > 0 else "left"
+    return "down" if d_row > 0 else "up"
+
+
+def judge_moving(videos_NTHWC: np.ndarray, prompts: list[str]) -> dict[str, float]:
+    """How well uint8 clips prompted "the digit three moving left" (the built-in moving
+    digits) show their digit and motion:
+
+    * ``digit``: share of frames whose digit crop (half the frame side, around the
+      brightness centroid) the digit classifier reads as the prompted digit;
+    * ``motion``: share of clips whose centroid travels the prompted way;
+    * ``both``: share of clips with the motion right and the digit read in most frames.
+    """
+    if len(videos_NTHWC) != len(prompts) or len(prompts) == 0:
+        raise JudgeError(f"{len(videos_NTHWC)} clips for {len(prompts)} prompts")
+    digit_hits, motion_hits, both = [], [], []
+    for video, prompt in zip(videos_NTHWC, prompts, strict=True):
+        words = str(prompt).split()
+        if len(words) < 5 or words[-2] != "moving" or words[-1] not in MOTION_WORDS:
+            raise JudgeError(f"prompt {prompt!r} is not 'the digit <word> moving <direction>'")
+        digit = prompted_digits([" ".join(words[:-2])])[0]
+        grey = video.astype(np.float64).mean(-1)
+        side = grey.shape[1] // 2
+        crops, centroids = glyph_crops(grey, side)
+        reads = classifier(side).predict(features(crops[..., None])) == digit
+        moved = motion_of(centroids) == words[-1]
+        digit_hits.append(reads.mean())
+        motion_hits.append(moved)
+        both.append(moved and reads.mean() > 0.5)
+    return {
+        "digit": float(np.mean(digit_hits)),
+        "motion": float(np.mean(motion_hits)),
+        "both": float(np.mean(both)),
+    }
+
+
 def load_samples(path: Path) -> tuple[np.ndarray, list[str]]:
     """``trainer.sample``'s output: a directory holding samples.npz, or the file itself."""
     file = path / "samples.npz" if path.is_dir() else path

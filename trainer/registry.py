@@ -15,7 +15,7 @@ from typing import Any
 
 from configlib import ConfigError, apply_overrides, from_dict, recipe_chain
 from data_pipeline import loader, synthetic, text_tokens
-from models import audio_vae, dc_ae, dlm, flow_mlp, kl_vae, mmdit, video_vae
+from models import audio_dit, audio_vae, dc_ae, dlm, flow_mlp, kl_vae, mmdit, video_dit, video_vae
 from trainer import backends  # noqa: F401  (registers each backend's pass-through check)
 from trainer.config import (
     Config,
@@ -53,6 +53,8 @@ MODELS: dict[str, ModelFamily] = {
     "flow_mlp": ModelFamily(flow_mlp.FlowMLPConfig, flow_mlp.build, flow_mlp.parallelize),
     "mmdit": ModelFamily(mmdit.MMDiTConfig, mmdit.build, mmdit.parallelize),
     "dlm": ModelFamily(dlm.DLMConfig, dlm.build, dlm.parallelize),
+    "audio_dit": ModelFamily(audio_dit.AudioDiTConfig, audio_dit.build, audio_dit.parallelize),
+    "video_dit": ModelFamily(video_dit.VideoDiTConfig, video_dit.build, video_dit.parallelize),
     # autoencoders trained as the model (objective: autoencoding)
     "kl_vae": ModelFamily(kl_vae.KLVAEConfig, kl_vae.build, kl_vae.parallelize),
     "dc_ae": ModelFamily(dc_ae.DCAEConfig, dc_ae.build, dc_ae.parallelize),

@@ -7,6 +7,13 @@ Writes ``OUT_DIR/samples.npz`` (``images``: uint8 N x H x W x C; ``prompts``: on
 per image) and ``OUT_DIR/grid.png`` (one row per prompt). Unconditional models take
 ``--num K`` instead of prompts.
 
+Audio models (``data.kind: audio``) take ``--seconds S`` (the clips' length, at most the
+training window) and write ``OUT_DIR/NNN.wav`` (S seconds each), ``OUT_DIR/NNN.png`` (its
+spectrogram), ``OUT_DIR/spectrograms.png`` (all, a row each) and ``OUT_DIR/samples.npz``
+(``audio``: the whole generated windows, ``prompts``, ``seconds``). Video models
+(``data.kind: video``) write ``OUT_DIR/NNN.mp4`` (``--fps``), ``OUT_DIR/frames.png`` (each
+clip's frames in a row) and ``OUT_DIR/samples.npz`` (``videos``: uint8 N x T x H x W x 3).
+
 Language models (MDLM, SEDD, BD3-LM, AR): ``--run RUN_DIR --num K --out OUT_DIR [--steps S
 --seed X --length L --sampler NAME --top-p P]`` writes ``OUT_DIR/samples.jsonl``, one
 ``{"text": ...}`` object per sample.
@@ -29,8 +36,26 @@ class SampleError(RuntimeError):
     """A user mistake: no run there, no checkpoint, prompts missing."""
 
 
-def _image_shape(cfg, height: int | None, width: int | None) -> tuple[int, int, int]:
+def _image_shape(cfg, height: int | None, width: int | None) -> tuple[int, ...]:
     data = cfg.data
+    args_h, args_w = height, width
+    kind = getattr(data, "kind", None)
+    if kind == "audio":  # the training window (checked by the caller)
+        from models.autoencoders import build_autoencoder
+
+        signal = (data.audio_channels, round(data.window_seconds * data.sample_rate))
+        return build_autoencoder(cfg.objective.autoencoder).latent_shape(*signal)
+    if kind == "video":  # the training clip length, at --height x --width or the first bucket
+        from models.autoencoders import build_autoencoder
+
+        width, height = data.resolutions[0]
+        signal = (
+            3,
+            data.num_frames,
+            height if args_h is None else args_h,
+            width if args_w is None else args_w,
+        )
+        return build_autoencoder(cfg.objective.autoencoder).latent_shape(*signal)
     if height is None or width is None:
         resolutions = getattr(data, "resolutions", None)
         if not resolutions:
@@ -116,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--top-p", type=float, default=None, help="nucleus sampling (language models)"
     )
+    parser.add_argument(
+        "--seconds", type=float, default=None,
+        help="audio: length of each clip (seconds_total; default: the training window)",
+    )  # fmt: skip
+    parser.add_argument("--fps", type=int, default=8, help="video: frames per second of the mp4")
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -129,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from data_pipeline.loader import save_grid
+    from data_pipeline.grid import save_grid
 
     prompts = list(args.prompts)
     if args.prompts_file is not None:
@@ -156,6 +186,22 @@ def run(args: argparse.Namespace) -> int:
             raise SampleError("give --num for an unconditional model")
     expanded = [p for p in prompts for _ in range(args.num_per_prompt)] if conditional else None
     count = len(expanded) if conditional else args.num
+    audio = getattr(cfg.data, "kind", None) == "audio"
+    extra = {}
+    if audio:
+        window = cfg.data.window_seconds
+        seconds = window if args.seconds is None else args.seconds
+        if not 0 < seconds <= window:
+            raise SampleError(
+                f"--seconds {seconds} must be in (0, {window}]: the model generates windows of "
+                f"data.window_seconds ({window} s) and ends each clip where it is asked to"
+            )
+        extra = {
+            "seconds_start": torch.zeros(count),
+            "seconds_total": torch.full((count,), seconds),
+        }
+    elif args.seconds is not None:
+        raise SampleError("--seconds is for audio models")
     shape = _image_shape(cfg, args.height, args.width)
     gen = torch.Generator().manual_seed(args.seed)
     noise = torch.randn((count, *shape), generator=gen).to(device)
@@ -174,11 +220,16 @@ def run(args: argparse.Namespace) -> int:
                 guidance=args.cfg,
                 sampler=args.sampler,
                 drop_t5=args.no_t5,
+                extra={k: v[part] for k, v in extra.items()},
             )
             .float()
             .cpu()
         )
     samples = torch.cat(outs).numpy()
+    if audio:
+        return write_audio(args, cfg, samples, expanded or [""] * count, extra, step)
+    if samples.ndim == 5:
+        return write_videos(args, samples, expanded or [""] * count, step)
     images = to_uint8_images(samples)
     args.out.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
@@ -194,6 +245,53 @@ def run(args: argparse.Namespace) -> int:
         row_labels=prompts if conditional else None,
     )
     print(f"wrote {count} samples of step {step} to {args.out}/samples.npz and grid.png")
+    return 0
+
+
+def write_audio(args, cfg, samples_NCT: np.ndarray, prompts: list[str], extra, step) -> int:
+    """``OUT/samples.npz`` (``audio``: the generated windows, float32 N x C x T; ``prompts``;
+    ``seconds``), ``OUT/NNN.wav`` cut to the requested length, ``OUT/NNN.png`` its
+    spectrogram, and ``OUT/spectrograms.png`` all of them, a row each."""
+    from data_pipeline.audio import save_clip, write_audio_samples
+
+    rate = cfg.data.sample_rate
+    seconds = extra["seconds_total"].numpy()
+    args.out.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    np.savez(buf, audio=samples_NCT.astype(np.float32), prompts=np.array(prompts), seconds=seconds)
+    tmp = args.out / "samples.npz.tmp"
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, args.out / "samples.npz")
+    labels = prompts if any(prompts) else None
+    write_audio_samples(samples_NCT, rate, args.out, "spectrograms", labels, seconds, per_clip=True)
+    for i, clip in enumerate(samples_NCT):  # the wav files hold the requested length only
+        cut = torch.from_numpy(np.ascontiguousarray(clip[:, : round(float(seconds[i]) * rate)]))
+        save_clip(cut, rate, args.out / f"{i:03d}.wav")
+    print(
+        f"wrote {len(samples_NCT)} clips of {float(seconds[0]):.2f} s of step {step} to "
+        f"{args.out} (NNN.wav, NNN.png, spectrograms.png, samples.npz)"
+    )
+    return 0
+
+
+def write_videos(args, samples_NCTHW: np.ndarray, prompts: list[str], step: int) -> int:
+    """``OUT/samples.npz`` (``videos``: uint8 N x T x H x W x 3; ``prompts``), ``OUT/NNN.mp4``
+    at ``--fps`` and ``OUT/frames.png`` (each clip's frames in a row, labelled)."""
+    from data_pipeline.video import to_uint8_frames, write_video_samples
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    videos = np.stack([to_uint8_frames(v) for v in samples_NCTHW])
+    buf = io.BytesIO()
+    np.savez(buf, videos=videos, prompts=np.array(prompts))
+    tmp = args.out / "samples.npz.tmp"
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, args.out / "samples.npz")
+    labels = prompts if any(prompts) else None
+    write_video_samples(samples_NCTHW, args.out, "frames", args.fps, labels, per_clip="{i:03d}.mp4")
+    print(
+        f"wrote {len(videos)} clips of {videos.shape[1]} frames of step {step} to {args.out} "
+        "(NNN.mp4, frames.png, samples.npz)"
+    )
     return 0
 
 

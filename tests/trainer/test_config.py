@@ -770,3 +770,19 @@ def test_dc_ae_recipe_rejects_a_kl_weight(tmp_path):
         REPO / "recipes" / "tiny" / "vae.yaml",
         [f"run.output_dir={tmp_path}", "objective.kl_weight=1e-6"],
     )
+
+
+def test_naming_another_autoencoder_replaces_that_section_only(tmp_path):
+    """The objective's autoencoder is a tagged union too: a child recipe naming another
+    one does not inherit the base's keys for the old one (identity's channels, scale),
+    while the rest of the objective (its conditioning) is kept."""
+    child = tmp_path / "child.yaml"
+    child.write_text(
+        f"base: {Path('recipes/tiny/audio_dit.yaml').resolve()}\n"
+        "model: {in_channels: 8, patch_size: 2}\n"
+        "objective:\n  autoencoder: {name: audio_vae, random_init: true, size: tiny}\n"
+    )
+    cfg = load_config(child)
+    assert cfg.objective.autoencoder.name == "audio_vae"
+    assert cfg.objective.autoencoder.scale is None  # not identity's 3.0
+    assert cfg.objective.conditioning.t5 is not None

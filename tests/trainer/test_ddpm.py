@@ -393,7 +393,10 @@ class GaussianData:
     def sample_shape(self):
         return (2,)
 
-    def evaluate_samples(self, samples, out_dir, step):
+    def eval_conditions(self, count, *, prompts):
+        return {}
+
+    def evaluate_samples(self, samples, out_dir, step, conditions=None):
         return {"eval/mean": float(samples.mean()), "eval/std": float(samples.std())}
 
 

@@ -9,7 +9,7 @@ from conftest import run_module
 from PIL import Image
 
 from data_pipeline.build import DIGIT_WORDS
-from data_pipeline.loader import save_grid
+from data_pipeline.grid import save_grid
 from trainer import digit_judge
 
 PER_DIGIT = 12
@@ -112,3 +112,25 @@ def test_grid_enlarges_small_images_and_labels_rows(tmp_path):
     margin = labelled.width - plain.width
     assert (np.asarray(labelled)[:, margin:] == np.asarray(plain)).all()
     assert (np.asarray(labelled)[:, :margin] < 128).any()  # the label text is drawn
+
+
+def test_moving_digit_judge_reads_real_clips_and_not_noise():
+    """Real moving digits score high on digit and motion; noise scores like chance."""
+    from data_pipeline.build import moving_digits_samples
+    from data_pipeline.video import decode_video
+    from trainer.digit_judge import judge_moving
+
+    videos, prompts = [], []
+    for _, fields, _ in moving_digits_samples(48, 16, 8, 8, seed=0):
+        clip = decode_video(fields["mp4"], frames=8, width=16, height=16, rng=None).numpy()
+        videos.append(
+            ((clip + 1) * 127.5).round().clip(0, 255).astype(np.uint8).transpose(1, 2, 3, 0)
+        )
+        prompts.append(fields["txt"].decode())
+    real = judge_moving(np.stack(videos), prompts)
+    assert real["digit"] > 0.7 and real["motion"] > 0.95, real
+    noise = np.random.default_rng(0).integers(0, 256, np.stack(videos).shape).astype(np.uint8)
+    fake = judge_moving(noise, prompts)
+    assert fake["digit"] < 0.3 and fake["motion"] < 0.5, fake
+    with pytest.raises(digit_judge.JudgeError, match="is not 'the digit <word> moving <direction>'"):
+        judge_moving(noise[:1], ["a photo of the digit one"])

@@ -344,7 +344,7 @@ class Autoencoding(Objective):
         if video:
             return self._evaluate_video(x, recon, ctx)
         if ctx.out_dir is not None:
-            from data_pipeline.loader import save_grid
+            from data_pipeline.grid import save_grid
 
             ctx.out_dir.mkdir(parents=True, exist_ok=True)
             rows = min(8, x.shape[0])
@@ -363,7 +363,7 @@ class Autoencoding(Objective):
         """PSNR and SSIM over every frame, PSNR of the first frames alone (encoded on their
         own), and a frame strip per clip for up to 2 clips: original over reconstructed."""
         if ctx.out_dir is not None:
-            from data_pipeline.loader import save_grid
+            from data_pipeline.grid import save_grid
 
             ctx.out_dir.mkdir(parents=True, exist_ok=True)
             rows = []
@@ -387,7 +387,7 @@ class Autoencoding(Objective):
         silence, reconstruction) and their log spectrograms, originals over reconstructions."""
         if ctx.out_dir is not None:
             from data_pipeline.audio import log_spectrogram, save_clip
-            from data_pipeline.loader import save_grid
+            from data_pipeline.grid import save_grid
 
             ctx.out_dir.mkdir(parents=True, exist_ok=True)
             rate = ctx.data.cfg.sample_rate

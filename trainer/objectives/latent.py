@@ -17,6 +17,8 @@ from trainer.objectives.base import EvalContext, ExtraModule, Objective
 from trainer.objectives.conditioning import TextConditioner
 from trainer.samplers.flow import with_guidance
 
+TIMING = ("seconds_start", "seconds_total")  # audio windows' timing condition (Stable Audio)
+
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -52,6 +54,15 @@ class LatentObjective(Objective):
             x = self.autoencoder.to(self.device).encode(x)
         return x
 
+    def condition(
+        self, modules: dict[str, nn.Module], batch: dict[str, Any], *, training: bool, step: int = 0
+    ) -> dict[str, torch.Tensor] | None:
+        """The text condition (see :meth:`Objective.condition`) plus the batch's timing
+        (``seconds_start`` / ``seconds_total`` of audio windows), which is never dropped."""
+        cond = super().condition(modules, batch, training=training, step=step)
+        timing = {k: batch[k].to(self.device).float() for k in TIMING if k in batch}
+        return {**(cond or {}), **timing} or None
+
     @staticmethod
     def call_model(
         model: nn.Module, x: torch.Tensor, t_B: torch.Tensor, cond: dict | None
@@ -75,13 +86,18 @@ class LatentObjective(Objective):
         guidance: float = 1.0,
         sampler: str | None = None,
         drop_t5: bool = False,
+        extra: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Noise (B, ...) -> samples in data space (decoded by the autoencoder), with CFG."""
+        """Noise (B, ...) -> samples in data space (decoded by the autoencoder), with CFG.
+
+        ``extra``: conditions guidance keeps in both branches (audio timing, (B,) each)."""
         model = modules["model"]
+        extra = {k: v.to(noise.device) for k, v in (extra or {}).items()}
         if self.conditioner is not None:
             if prompts is None or len(prompts) != noise.shape[0]:
                 raise ValueError("a text-conditioned model needs one prompt per sample")
             cond, uncond = self.conditioner.for_prompts(prompts, noise.device, drop_t5=drop_t5)
+            cond, uncond = {**cond, **extra}, {**uncond, **extra}
             model_fn = with_guidance(
                 lambda x, t: model(x, t, cond).float(),
                 lambda x, t: model(x, t, uncond).float(),
@@ -90,7 +106,10 @@ class LatentObjective(Objective):
         else:
             if prompts is not None:
                 raise ValueError("this model has no text conditioning: sample without prompts")
-            model_fn = lambda x, t: model(x, t).float()  # noqa: E731
+            if extra:
+                model_fn = lambda x, t: model(x, t, extra).float()  # noqa: E731
+            else:
+                model_fn = lambda x, t: model(x, t).float()  # noqa: E731
         samples = self.integrate(model_fn, noise, steps, sampler)
         if self.autoencoder is not None:
             samples = self.autoencoder.to(noise.device).decode(samples)
@@ -100,15 +119,19 @@ class LatentObjective(Objective):
     def evaluate(self, ctx: EvalContext) -> dict[str, float]:
         gen = torch.Generator(device="cpu").manual_seed(1234)
         shape = ctx.data.sample_shape()
-        if self.autoencoder is not None and len(shape) == 3:
+        if self.autoencoder is not None and len(shape) == self.autoencoder.signal_axes + 1:
             shape = self.autoencoder.latent_shape(*shape)
         noise = torch.randn((ctx.num_samples, *shape), generator=gen).to(ctx.device)
-        prompts = ctx.data.eval_prompts(ctx.num_samples) if self.conditioner is not None else None
+        # what the data asks samples to be generated for: prompts (text-conditioned models)
+        # and, for audio, the timing of each requested clip
+        conditions = ctx.data.eval_conditions(ctx.num_samples, prompts=self.conditioner is not None)
+        extra = {k: v for k, v in conditions.items() if k in TIMING}
         samples = self.generate(
-            ctx.modules, noise, steps=ctx.sample_steps, prompts=prompts, guidance=ctx.guidance
-        )
+            ctx.modules, noise, steps=ctx.sample_steps, prompts=conditions.get("prompts"),
+            guidance=ctx.guidance, extra=extra,
+        )  # fmt: skip
         if ctx.rank != 0:
             return {}
         return ctx.data.evaluate_samples(
-            samples.cpu().numpy().astype(np.float32), ctx.out_dir, ctx.step
+            samples.cpu().numpy().astype(np.float32), ctx.out_dir, ctx.step, conditions
         )

@@ -87,7 +87,10 @@ class RectifiedFlow(LatentObjective):
     def shift_for(self, x0: torch.Tensor) -> float:
         if not self.cfg.resolution_shift:
             return self.cfg.shift
-        tokens = math.prod(x0.shape[2:]) // 4 if x0.dim() == 4 else x0[0].numel()  # 2x2 patches
+        if x0.dim() in (4, 5):  # images, videos: 2x2 patches per frame (length counts)
+            tokens = math.prod(x0.shape[2:]) // 4
+        else:  # 1-D latent sequences: a token per frame; flat points: their size
+            tokens = x0.shape[-1] if x0.dim() == 3 else x0[0].numel()
         return self.schedules.resolution_shift(tokens)
 
     def sample_t(self, count: int, shift: float | None = None) -> torch.Tensor:
