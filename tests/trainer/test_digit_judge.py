@@ -132,5 +132,7 @@ def test_moving_digit_judge_reads_real_clips_and_not_noise():
     noise = np.random.default_rng(0).integers(0, 256, np.stack(videos).shape).astype(np.uint8)
     fake = judge_moving(noise, prompts)
     assert fake["digit"] < 0.3 and fake["motion"] < 0.5, fake
-    with pytest.raises(digit_judge.JudgeError, match="is not 'the digit <word> moving <direction>'"):
+    with pytest.raises(
+        digit_judge.JudgeError, match="is not 'the digit <word> moving <direction>'"
+    ):
         judge_moving(noise[:1], ["a photo of the digit one"])
