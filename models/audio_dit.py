@@ -27,6 +27,7 @@ from torch import nn
 
 from configlib import option
 from models.common.attention import QKVProjection
+from models.common.context_parallel import ContextParallel
 from models.common.cross_dit import CrossAttention, CrossDiTBlock
 from models.common.embeddings import TimestepMLP, rope_cos_sin_nd, sincos_1d
 from models.common.init import ParamInit
@@ -84,7 +85,7 @@ class AudioDiT(nn.Module):
         super().__init__()
         dims = cfg.dims()
         self.cfg = cfg
-        self.head_dim = dims["head_dim"]
+        self.head_dim, self.num_heads = dims["head_dim"], dims["num_heads"]
         self.width = width = dims["num_heads"] * dims["head_dim"]
         self.patch_embed = PatchEmbedND(cfg.in_channels, width, (cfg.patch_size,))
         self.time_embed = TimestepMLP(width)
@@ -99,6 +100,8 @@ class AudioDiT(nn.Module):
         self.final_norm = layer_norm(width)
         self.final_mod = AdaLNModulation(width, 2)  # (shift, scale)
         self.final_proj = nn.Linear(width, cfg.patch_size * cfg.in_channels)
+        # set by enable_context_parallel: blocks then hold 1 / P of the tokens each
+        self.context_parallel: ContextParallel | None = None
 
     def forward(
         self, x_BCT: torch.Tensor, t_B: torch.Tensor, cond: dict[str, torch.Tensor] | None = None
@@ -127,10 +130,16 @@ class AudioDiT(nn.Module):
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         tokens = (tokens + sincos_1d(self.width, positions).to(tokens.device)).to(dtype)
         rope = rope_cos_sin_nd(positions[:, None], self.head_dim, base=self.cfg.rope_base)
+        cp = self.context_parallel
+        if cp is not None:
+            cp.check(tokens.shape[1], self.num_heads)
+            tokens, rope = cp.local(tokens), (cp.local(rope[0]), cp.local(rope[1]))
         for block in self.blocks:
-            tokens = block(tokens, context_BLD, vec, rope)
+            tokens = block(tokens, context_BLD, vec, rope, cp=cp)
         shift, scale = self.final_mod(vec)
         tokens = self.final_proj(modulate(self.final_norm(tokens), shift, scale))
+        if cp is not None:
+            tokens = cp.gather(tokens)
         out = unpatchify_nd(tokens, (self.cfg.patch_size,), self.cfg.in_channels, grid)
         return out.clone() if out._is_view() else out  # FSDP2's hooks need a non-view
 

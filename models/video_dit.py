@@ -27,6 +27,7 @@ from torch import nn
 
 from configlib import option
 from models.common.attention import QKVProjection
+from models.common.context_parallel import ContextParallel
 from models.common.cross_dit import AttentionGroups, CrossAttention, CrossDiTBlock
 from models.common.embeddings import TimestepMLP, grid_positions, rope_cos_sin_nd
 from models.common.init import ParamInit
@@ -86,7 +87,7 @@ class VideoDiT(nn.Module):
         super().__init__()
         dims = cfg.dims()
         self.cfg = cfg
-        self.head_dim = dims["head_dim"]
+        self.head_dim, self.num_heads = dims["head_dim"], dims["num_heads"]
         self.width = width = dims["num_heads"] * dims["head_dim"]
         self.patch = tuple(cfg.patch_size)
         self.patch_embed = PatchEmbedND(cfg.in_channels, width, self.patch)
@@ -105,6 +106,8 @@ class VideoDiT(nn.Module):
         self.final_norm = layer_norm(width)
         self.final_mod = AdaLNModulation(width, 2)  # (shift, scale)
         self.final_proj = nn.Linear(width, math.prod(self.patch) * cfg.in_channels)
+        # set by enable_context_parallel: blocks then hold 1 / P of the tokens each
+        self.context_parallel: ContextParallel | None = None
 
     def groups(self, index: int, grid: tuple[int, int, int]) -> AttentionGroups | None:
         """Block ``index``'s self-attention groups: None (full), a frame, or a time line."""
@@ -130,10 +133,16 @@ class VideoDiT(nn.Module):
         rope = rope_cos_sin_nd(
             grid_positions(grid, tokens.device), self.head_dim, base=self.cfg.rope_base
         )
+        cp = self.context_parallel
+        if cp is not None:
+            cp.check(tokens.shape[1], self.num_heads)
+            tokens, rope = cp.local(tokens), (cp.local(rope[0]), cp.local(rope[1]))
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, context, vec, rope, self.groups(i, grid))
+            tokens = block(tokens, context, vec, rope, self.groups(i, grid), cp)
         shift, scale = self.final_mod(vec)
         tokens = self.final_proj(modulate(self.final_norm(tokens), shift, scale))
+        if cp is not None:
+            tokens = cp.gather(tokens)
         out = unpatchify_nd(tokens, self.patch, self.cfg.in_channels, grid)
         return out.clone() if out._is_view() else out  # FSDP2's hooks need a non-view
 

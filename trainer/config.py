@@ -207,6 +207,13 @@ class ParallelConfig:
         False, "Recompute each block's activations in backward."
     )
     compile: bool = option(False, "torch.compile each block after sharding and checkpointing.")
+    context_parallel: int = option(
+        1,
+        "Ranks one sample's token sequence is split over (Ulysses all-to-all over heads); "
+        "FSDP2 shards over all ranks, data is split over world / context_parallel. "
+        "video_dit and audio_dit.",
+        ge=1,
+    )
     zero_stage: Literal[1, 2, 3] = option(
         3,
         "DeepSpeed ZeRO stage: 1 partitions optimizer states, 2 also gradients, 3 also parameters.",
@@ -416,6 +423,7 @@ class EvalConfig:
 
 # Objectives that model token sequences (their evaluation reads eval.text_checks etc.)
 TEXT_OBJECTIVES = ("mdlm", "sedd", "bd3lm", "ar")
+CONTEXT_PARALLEL_MODELS = ("video_dit", "audio_dit")
 
 
 @dataclass(kw_only=True)
@@ -464,6 +472,8 @@ class Config:
             )
         if self.parallel.backend == "deepspeed":
             out += self._deepspeed_checks()
+        if self.parallel.context_parallel > 1:
+            out += self._context_parallel_checks()
         conditioning = getattr(self.objective, "conditioning", None)
         model_context = getattr(self.model, "context_dim", None)
         if (
@@ -587,6 +597,39 @@ class Config:
                     )
                 )
         return out
+
+    def _context_parallel_checks(self) -> list[tuple[str, str]]:
+        """Sequence splitting: a family that supports it, FSDP2, and heads and (where the
+        recipe fixes them: pixels or raw samples) tokens per sample divisible by it."""
+        cp = self.parallel.context_parallel
+        key = "parallel.context_parallel"
+        if self.model.name not in CONTEXT_PARALLEL_MODELS:
+            supported = ", ".join(CONTEXT_PARALLEL_MODELS)
+            return [
+                (key, f"{cp}: {self.model.name!r} does not split its sequence ({supported} do)")
+            ]
+        if self.parallel.backend != "fsdp2":
+            return [(key, f"{cp} needs parallel.backend fsdp2 (got {self.parallel.backend!r})")]
+        heads = self.model.dims()["num_heads"]
+        if heads % cp:
+            return [(key, f"{cp} does not divide the model's {heads} heads")]
+        ae = getattr(self.objective, "autoencoder", None)
+        if ae is None or ae.name != "identity":
+            return []  # latent tokens: the model checks them on its first batch
+        if self.model.name == "audio_dit":
+            samples = round(self.data.window_seconds * self.data.sample_rate)
+            counts = {"data.window_seconds": samples // self.model.patch_size}
+        else:
+            pt, ph, pw = self.model.patch_size
+            counts = {
+                f"data.resolutions[{i}]": (self.data.num_frames // pt) * (h // ph) * (w // pw)
+                for i, (w, h) in enumerate(self.data.resolutions)
+            }
+        return [
+            (where, f"{tokens} tokens per sample are not divisible by {key} {cp}")
+            for where, tokens in counts.items()
+            if tokens % cp
+        ]
 
     def _autoencoder_checks(self, given: set[str]) -> list[tuple[str, str]]:
         """The autoencoder's signal (images or audio) against the data section."""
@@ -737,10 +780,21 @@ def dump_config(cfg: Config) -> str:
 
 
 def check_world_size(cfg: Config, world_size: int) -> tuple[int, int]:
-    """Micro batch per rank and accumulation steps for this world size; ConfigError if impossible."""
+    """Micro batch per rank and accumulation steps for this world size; ConfigError if
+    impossible. The batch is split over the data-parallel ranks: world_size /
+    parallel.context_parallel (the ranks of a context-parallel group share samples)."""
+    cp = cfg.parallel.context_parallel
+    if world_size % cp:
+        raise ConfigError(
+            [f"parallel.context_parallel: {cp} does not divide the {world_size} ranks"]
+        )
+    world_size //= cp
+    ranks = "ranks" if cp == 1 else "data-parallel ranks"
     batch = cfg.train.batch_size
     if batch % world_size:
-        raise ConfigError([f"train.batch_size: {batch} is not divisible by the {world_size} ranks"])
+        raise ConfigError(
+            [f"train.batch_size: {batch} is not divisible by the {world_size} {ranks}"]
+        )
     per_rank = batch // world_size
     micro = cfg.train.micro_batch_size or per_rank
     if per_rank % micro:

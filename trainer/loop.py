@@ -124,6 +124,11 @@ class Trainer:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.micro_batch, self.accum_steps = check_world_size(cfg, self.world_size)
+        # the ranks of a context-parallel group split one sample's tokens: they read the
+        # same data and draw the same noise, as one data-parallel rank
+        self.context_parallel = cfg.parallel.context_parallel
+        self.dp_rank = self.rank // self.context_parallel
+        self.dp_size = self.world_size // self.context_parallel
         self.output_dir = Path(cfg.run.output_dir)
         if self.rank == 0:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -161,9 +166,9 @@ class Trainer:
             tmp.write_text(dump_config(cfg))
             tmp.replace(self.output_dir / "config.yaml")
 
-        torch.manual_seed(cfg.run.seed * 7919 + self.rank)
-        np.random.seed((cfg.run.seed * 7919 + self.rank) % 2**32)
-        random.seed(cfg.run.seed * 7919 + self.rank)
+        torch.manual_seed(cfg.run.seed * 7919 + self.dp_rank)
+        np.random.seed((cfg.run.seed * 7919 + self.dp_rank) % 2**32)
+        random.seed(cfg.run.seed * 7919 + self.dp_rank)
 
         resume_meta = None
         if cfg.checkpoint.resume:
@@ -185,7 +190,7 @@ class Trainer:
                 len(start.frozen),
             )
         self.objective: Objective = OBJECTIVES[cfg.objective.name].build(
-            cfg.objective, seed=cfg.run.seed, rank=self.rank, device=self.device
+            cfg.objective, seed=cfg.run.seed, rank=self.dp_rank, device=self.device
         )
         problems = self.objective.model_problems(cfg.model)
         if problems:
@@ -204,8 +209,8 @@ class Trainer:
         self.data = DATA[cfg.data.name].build(
             cfg.data,
             seed=cfg.run.seed,
-            rank=self.rank,
-            world_size=self.world_size,
+            rank=self.dp_rank,
+            world_size=self.dp_size,
             micro_batch=self.micro_batch,
             accum_steps=self.accum_steps,
         )
@@ -222,6 +227,7 @@ class Trainer:
             "counters": self.counters.__dict__.copy(),
             "schedulers": {name: s.state_dict() for name, s in self.schedulers.items()},
             "world_size": self.world_size,
+            "context_parallel": self.context_parallel,
         }
 
     def rank_state(self) -> dict[str, Any]:
@@ -265,19 +271,26 @@ class Trainer:
         self.counters = Counters(**loaded.trainer_state["counters"])
         for name, sched in self.schedulers.items():
             sched.load_state_dict(loaded.trainer_state["schedulers"][name])
-        self.data.load_state_dict([s["data"] for s in loaded.all_rank_states])
-        if loaded.rank_state is not None and loaded.saved_world_size == self.world_size:
+        # one state per data-parallel rank: the first rank of each context-parallel group
+        saved_cp = loaded.trainer_state.get("context_parallel", 1)
+        dp_states = loaded.all_rank_states[::saved_cp]
+        self.data.load_state_dict([s["data"] for s in dp_states])
+        same_layout = (loaded.saved_world_size, saved_cp) == (
+            self.world_size,
+            self.context_parallel,
+        )
+        if loaded.rank_state is not None and same_layout:
             _set_rng_state(loaded.rank_state["rng"])
             self.objective.load_state_dict(loaded.rank_state["objective"])
         else:
             # New world size: per-rank random streams cannot be carried over one to one;
             # reseed them from (seed, rank, step) so the run stays reproducible.
-            seed = self.cfg.run.seed * 7919 + self.rank + 104729 * loaded.step
+            seed = self.cfg.run.seed * 7919 + self.dp_rank + 104729 * loaded.step
             torch.manual_seed(seed)
             np.random.seed(seed % 2**32)
             random.seed(seed)
-            if loaded.rank_state is not None:
-                self.objective.load_state_dict(loaded.rank_state["objective"])
+            if self.dp_rank < len(dp_states):
+                self.objective.load_state_dict(dp_states[self.dp_rank]["objective"])
         if self.rank == 0:
             dropped = truncate_jsonl(self.output_dir / "metrics.jsonl", loaded.step)
             log.warning(

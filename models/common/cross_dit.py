@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from models.common.attention import QKVProjection, attention
+from models.common.context_parallel import ContextParallel
 from models.common.embeddings import apply_rope
 from models.common.init import ParamInit
 from models.common.mlp import FeedForward
@@ -102,18 +103,26 @@ class CrossDiTBlock(nn.Module):
         vec_BD: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         groups: AttentionGroups | None = None,
+        cp: ContextParallel | None = None,
     ) -> torch.Tensor:
         """``rope``: (cos, sin) tables of the N tokens' positions (rope_cos_sin_nd);
-        ``groups``: self-attention within groups of tokens only (None: all N together)."""
+        ``groups``: self-attention within groups of tokens only (None: all N together);
+        ``cp``: x holds this rank's share of the tokens (and rope their positions), and
+        self-attention swaps to all tokens of a share of the heads (Ulysses)."""
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.mod(vec_BD)
         q, k, v = self.qkv(modulate(self.norm(x_BND), shift_a, scale_a))
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cp is not None:
+            q, k, v = cp.tokens_to_heads(q), cp.tokens_to_heads(k), cp.tokens_to_heads(v)
         if groups is not None:
             q, k, v = groups.fold(q), groups.fold(k), groups.fold(v)
         attn = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         if groups is not None:
             attn = groups.unfold(attn)
+        if cp is not None:
+            b, n, _ = attn.shape
+            attn = cp.heads_to_tokens(attn.view(b, n, q.shape[-2], -1)).flatten(2)
         x_BND = gated_residual(x_BND, gate_a, self.attn_out(attn))
         x_BND = x_BND + self.cross(self.cross_norm(x_BND), c_BLD)
         return gated_residual(x_BND, gate_m, self.mlp(modulate(self.norm(x_BND), shift_m, scale_m)))

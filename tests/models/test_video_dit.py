@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from configlib import ConfigError
 from models.common.cross_dit import AttentionGroups
 from models.video_dit import VideoDiT, VideoDiTConfig, num_params
+from trainer.config import check_world_size
 from trainer.registry import load_config
 
 TINY = "recipes/tiny/video_dit.yaml"
@@ -88,12 +89,25 @@ def test_presets_reach_reference_scale():
         (["data.resolutions=[[16, 18]]"], "data.resolutions[0]: [16, 18] is not divisible by the patch size 4x4"),
         (["data.kind=images"], "data.kind: 'images': a video_dit trains on kind 'video'"),
         (["model.head_dim=31"], "model.head_dim: must be even for 3-D RoPE (got 31)"),
+        (["parallel.context_parallel=3"], "parallel.context_parallel: 3 does not divide the model's 4 heads"),
+        (["parallel.context_parallel=2", "parallel.backend=none"], "parallel.context_parallel: 2 needs parallel.backend fsdp2 (got 'none')"),
+        (["parallel.context_parallel=2", "data.num_frames=1", "data.resolutions=[[12, 4]]"],
+         "data.resolutions[0]: 3 tokens per sample are not divisible by parallel.context_parallel 2"),
     ],
 )  # fmt: skip
 def test_recipe_problems_are_one_line_each(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config(TINY, overrides)
     assert message in str(info.value)
+
+
+def test_context_parallel_needs_a_family_that_splits_and_a_dividing_world():
+    with pytest.raises(ConfigError, match="'mmdit' does not split its sequence"):
+        load_config("recipes/tiny/sd3_like.yaml", ["parallel.context_parallel=2"])
+    cfg = load_config(TINY, ["parallel.context_parallel=2", "train.batch_size=6"])
+    assert check_world_size(cfg, 4) == (3, 1)  # 2 data-parallel ranks of 3 samples
+    with pytest.raises(ConfigError, match="context_parallel: 2 does not divide the 3 ranks"):
+        check_world_size(cfg, 3)
 
 
 def test_bad_clip_shapes_are_one_clear_error():

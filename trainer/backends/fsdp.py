@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.common.context_parallel import enable_context_parallel
 from trainer.backends.base import Backend, build_initialised, make_optimizer, parallel_plan
 from trainer.config import OptimizerConfig
 from trainer.ema import EMA
@@ -21,16 +22,28 @@ class FSDPBackend(Backend):
     def __init__(self, parallel, **kwargs):
         super().__init__(parallel, **kwargs)
         self.mesh = None
+        self.context_group = None
         if parallel.backend == "fsdp2":
             from torch.distributed.device_mesh import init_device_mesh
 
+            # FSDP2 shards over every rank (the flattened dp x cp mesh, as torchtitan's
+            # dp_shard_cp); the cp axis of the 2-D mesh is the group a sample's tokens
+            # are split over (context_parallel ranks in a row)
             self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+            cp = parallel.context_parallel
+            if cp > 1:
+                mesh_2d = init_device_mesh(
+                    self.device.type, (self.world_size // cp, cp), mesh_dim_names=("dp", "cp")
+                )
+                self.context_group = mesh_2d.get_group("cp")
 
     # ------------------------------------------------------------------------- build
     def build_model(self, family, model_cfg, opt_cfg: OptimizerConfig, start: Start) -> nn.Module:
         model = build_initialised(
             family, model_cfg, parallel_plan(self.parallel), self.mesh, self.device, start
         )
+        if self.context_group is not None:
+            enable_context_parallel(model, self.context_group)
         if self.parallel.backend == "none" and self.parallel.mixed_precision != "fp32":
             log.info("parallel.backend 'none': mixed precision through autocast")
         self.flops_per_sample = getattr(model, "flops_per_sample", lambda: None)()
