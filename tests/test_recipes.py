@@ -23,11 +23,13 @@ def test_recipes_are_found():
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(RECIPES_DIR)))
 def test_recipe_loads_and_validates(path):
     """The recipe (with its base chain) passes every check, and its global batch splits
-    over the local ranks it asks for."""
+    over the data-parallel ranks of the local ranks it asks for (a context-parallel group
+    shares its samples)."""
     cfg = load_config(path)
     assert isinstance(cfg, Config)
     micro, accum = check_world_size(cfg, cfg.cluster.num_workers)
-    assert micro * accum * cfg.cluster.num_workers == cfg.train.batch_size
+    data_parallel = cfg.cluster.num_workers // cfg.parallel.context_parallel
+    assert micro * accum * data_parallel == cfg.train.batch_size
 
 
 STAGED = [p for p in RECIPES if load_config(p).train.trainable is not None]
