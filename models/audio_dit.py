@@ -132,8 +132,7 @@ class AudioDiT(nn.Module):
         rope = rope_cos_sin_nd(positions[:, None], self.head_dim, base=self.cfg.rope_base)
         cp = self.context_parallel
         if cp is not None:
-            cp.check(tokens.shape[1], self.num_heads)
-            tokens, rope = cp.local(tokens), (cp.local(rope[0]), cp.local(rope[1]))
+            tokens, rope = cp.shard(tokens, rope, self.num_heads)
         for block in self.blocks:
             tokens = block(tokens, context_BLD, vec, rope, cp=cp)
         shift, scale = self.final_mod(vec)

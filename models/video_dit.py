@@ -135,8 +135,7 @@ class VideoDiT(nn.Module):
         )
         cp = self.context_parallel
         if cp is not None:
-            cp.check(tokens.shape[1], self.num_heads)
-            tokens, rope = cp.local(tokens), (cp.local(rope[0]), cp.local(rope[1]))
+            tokens, rope = cp.shard(tokens, rope, self.num_heads)
         for i, block in enumerate(self.blocks):
             tokens = block(tokens, context, vec, rope, self.groups(i, grid), cp)
         shift, scale = self.final_mod(vec)

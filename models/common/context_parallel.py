@@ -80,6 +80,13 @@ class ContextParallel:
         """This rank's contiguous 1 / P of ``x`` along ``dim`` (tokens)."""
         return x.chunk(self.size, dim=dim)[self.rank]
 
+    def shard(
+        self, tokens_BND: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], num_heads: int
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's tokens and their (cos, sin) RoPE rows, after checking the split."""
+        self.check(tokens_BND.shape[1], num_heads)
+        return self.local(tokens_BND), (self.local(rope[0]), self.local(rope[1]))
+
     def gather(self, x_BnD: torch.Tensor) -> torch.Tensor:
         return _GatherTokens.apply(x_BnD, self.group, self.size)
 
