@@ -81,6 +81,7 @@ def main() -> int:
         }
     if dist.get_rank() == 0:
         print(json.dumps(report))
+    dist.barrier()  # both ranks are done before either tears gloo down
     dist.destroy_process_group()
     return 0
 
