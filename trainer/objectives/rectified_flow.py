@@ -49,6 +49,18 @@ class RectifiedFlowConfig:
     timestep_bins: int = option(
         0, "Also log the loss in this many equal bins of t; 0 disables.", ge=0, le=20
     )
+    prediction: Literal["velocity", "data"] = option(
+        "velocity",
+        "What the network outputs: the velocity v = eps - x0, or the clean data x0 (JiT's "
+        "x-prediction, v = (x_t - x0) / t in the loss and the sampler): for pixel space with "
+        "large patches, where a small network cannot carry the noise through.",
+    )
+    min_t: float = option(
+        0.05,
+        "x-prediction: the t under which v = (x_t - x0) / t divides by this instead.",
+        gt=0,
+        lt=1,
+    )
     sampler: Literal["euler", "heun"] = option("euler", "ODE sampler used for evaluation samples.")
     autoencoder: AutoencoderSection | None = option(
         None,
@@ -136,7 +148,7 @@ class RectifiedFlow(LatentObjective):
         t = t_B.view(-1, *([1] * (x0.dim() - 1)))
         x_t = (1 - t) * x0 + t * eps
         cond = self.condition(modules, batch, training=True, step=step)
-        pred = self.call_model(modules["model"], x_t, t_B, cond)
+        pred = self.velocity(x_t, t_B, self.call_model(modules["model"], x_t, t_B, cond))
         per_sample = (pred.float() - (eps - x0).float()).pow(2).flatten(1).mean(1)
         if self.cfg.loss_weighting != "none":
             per_sample = per_sample * self.schedules.rf_loss_weight(
@@ -149,12 +161,23 @@ class RectifiedFlow(LatentObjective):
             )
         return per_sample.mean(), logs
 
+    def velocity(self, x_t: torch.Tensor, t_B: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The network's output as a velocity: itself, or from its x0 (x-prediction)."""
+        if self.cfg.prediction == "velocity":
+            return out
+        t = t_B.clamp_min(self.cfg.min_t).view(-1, *([1] * (x_t.dim() - 1)))
+        return (x_t.to(out.dtype) - out) / t.to(out.dtype)
+
     # ------------------------------------------------------------------ sampling
     def integrate(
         self, model_fn, noise: torch.Tensor, steps: int, sampler: str | None
     ) -> torch.Tensor:
         timesteps = shifted_timesteps(steps, self.shift_for(noise), device=noise.device)
-        return SAMPLERS[sampler or self.cfg.sampler](model_fn, noise, timesteps)
+        if self.cfg.prediction == "velocity":
+            velocity = model_fn
+        else:  # guidance mixes x0 predictions, the same as mixing their velocities
+            velocity = lambda x, t: self.velocity(x, t, model_fn(x, t))  # noqa: E731
+        return SAMPLERS[sampler or self.cfg.sampler](velocity, noise, timesteps)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state()}
