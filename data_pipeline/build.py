@@ -114,16 +114,20 @@ def motion_caption(label: int, motion: str) -> str:
 
 
 def moving_digits_samples(
-    num: int, size: int, frames: int, fps: int, seed: int
+    num: int, size: int, frames: int, fps: int, seed: int, video_format: str = "mp4"
 ) -> Iterator[Sample]:
     """scikit-learn's digits (half the canvas side) gliding across a ``size`` canvas over
     ``frames`` frames in one of four directions, edge to edge; the other coordinate and
-    the digit image are drawn from ``seed``."""
+    the digit image are drawn from ``seed``. ``video_format``: an ``mp4`` member (H.264)
+    or the raw ``npy`` frames."""
     import numpy as np
     from PIL import Image
     from sklearn.datasets import load_digits
 
-    from data_pipeline.video import encode_mp4
+    from data_pipeline.video import encode_mp4, npy_frames
+
+    if video_format not in ("mp4", "npy"):
+        raise BuildError(f"--video-format must be mp4 or npy, not {video_format!r}")
 
     digits = load_digits()
     rng = np.random.default_rng([seed, 2417])
@@ -147,7 +151,7 @@ def moving_digits_samples(
                 "duration": frames / fps, "label": label, "motion": motion,
                 "source": "sklearn-digits-moving", "index": i}  # fmt: skip
         fields = {
-            "mp4": encode_mp4(video, fps),
+            video_format: encode_mp4(video, fps) if video_format == "mp4" else npy_frames(video),
             "txt": motion_caption(label, motion).encode(),
             "cls": str(label).encode(),
             "json": json.dumps(meta).encode(),
@@ -334,7 +338,9 @@ def build(args: argparse.Namespace) -> dict[str, Any]:
         if name == "moving_digits":
             num = args.num if args.num is not None else 512
             total = num if args.limit is None else min(num, args.limit)
-            samples = moving_digits_samples(total, args.size, args.frames, args.fps, args.seed)
+            samples = moving_digits_samples(
+                total, args.size, args.frames, args.fps, args.seed, args.video_format
+            )
         elif name in ("arith", "tones"):
             num = args.num if args.num is not None else (100_000 if name == "arith" else 512)
             total = num if args.limit is None else min(num, args.limit)
@@ -455,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--frames", type=int, default=9, help="moving_digits: frames per clip")
     parser.add_argument("--fps", type=int, default=8, help="moving_digits: frames per second")
+    parser.add_argument(
+        "--video-format",
+        choices=("mp4", "npy"),
+        default="mp4",
+        help="moving_digits: H.264 mp4 members or raw npy frame arrays (lossless)",
+    )
     parser.add_argument(
         "--tokenizer",
         default=None,

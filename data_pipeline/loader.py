@@ -143,6 +143,12 @@ class WebDatasetConfig:
     num_frames: int = option(
         9, "Video: consecutive frames per sample (shorter clips are bad samples).", ge=1
     )
+    fps: float | None = option(
+        None,
+        "Video: resample clips to this frame rate (the frame on screen at each 1/fps step); "
+        "null: the clips' own frames.",
+        gt=0,
+    )
 
     def check(self, given: set[str]) -> list[tuple[str, str]]:
         out = []
@@ -166,8 +172,9 @@ class WebDatasetConfig:
                     out.append((key, "has no effect for kind 'audio' (one window length)"))
             if self.min_seconds > self.window_seconds:
                 out.append(("min_seconds", f"exceeds window_seconds ({self.window_seconds})"))
-        if self.kind != "video" and "num_frames" in given:
-            out.append(("num_frames", f"has no effect unless kind is 'video' (here {self.kind!r})"))
+        for key in ("num_frames", "fps"):
+            if self.kind != "video" and key in given:
+                out.append((key, f"has no effect unless kind is 'video' (here {self.kind!r})"))
         if self.kind != "audio":
             for key in AUDIO_KEYS:
                 if key in given:
@@ -407,8 +414,6 @@ class WebDatasetSource(ShardedSource):
         elif self.cfg.kind == "video":
             from data_pipeline.video import decode_video
 
-            if "mp4" not in fields:
-                raise ValueError("no video member (mp4)")
             width, height = self.cfg.resolutions[bucket]
             rng = (
                 None
@@ -416,7 +421,12 @@ class WebDatasetSource(ShardedSource):
                 else np.random.default_rng([self.plan.seed, 11, epoch, sample])
             )
             out["x"] = decode_video(
-                fields["mp4"], frames=self.cfg.num_frames, width=width, height=height, rng=rng
+                fields,
+                frames=self.cfg.num_frames,
+                width=width,
+                height=height,
+                rng=rng,
+                fps=self.cfg.fps,
             )
         elif self.cfg.kind == "images":
             image_ext = next((e for e in IMAGE_EXTS if e in fields), None)

@@ -1,12 +1,14 @@
 """Video samples: mp4 encoding, what a folder's clips hold, and the loader's decode step (PyAV).
 The built-in moving digits are a build source (``data_pipeline.build``).
 
-Shards hold ``mp4`` members (H.264, yuv420p) and a ``json`` with ``{"width", "height",
-"frames", "fps", "duration"}``. The loader returns, per sample, ``x`` (3, T, H, W) float
-in [-1, 1]: ``num_frames`` consecutive frames from a start drawn from (seed, epoch,
-sample) (the first frames at evaluation), each resized to cover the bucket resolution
-and centre-cropped. A clip with fewer frames than asked is a bad sample (skipped and
-counted).
+Shards hold ``mp4`` members (H.264, yuv420p) or raw ``npy`` frame arrays ((T, H, W, 3)
+uint8, lossless, larger), and a ``json`` with ``{"width", "height", "frames", "fps",
+"duration"}``. The loader returns, per sample, ``x`` (3, T, H, W) float in [-1, 1]:
+``num_frames`` consecutive frames (at ``data.fps`` when set: the frame shown at each
+1 / fps step, so a 30 fps and a 10 fps clip give the same motion per frame) from a start
+drawn from (seed, epoch, sample) (the first frames at evaluation), each resized to cover
+the bucket resolution and centre-cropped. A clip with fewer frames than asked is a bad
+sample (skipped and counted).
 
 Shapes: T frames, H x W pixels.
 """
@@ -14,6 +16,8 @@ Shapes: T frames, H x W pixels.
 from __future__ import annotations
 
 import io
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -63,22 +67,74 @@ def _probe(av, data: bytes) -> dict:
                 "frames": frames, "fps": fps, "duration": frames / fps if fps else None}  # fmt: skip
 
 
+def npy_frames(frames_THWC: np.ndarray) -> bytes:
+    """(T, H, W, 3) uint8 frames -> the bytes of a raw ``npy`` member."""
+    if frames_THWC.dtype != np.uint8 or frames_THWC.ndim != 4 or frames_THWC.shape[-1] != 3:
+        raise ValueError(
+            f"frames must be (T, H, W, 3) uint8, got {frames_THWC.shape} {frames_THWC.dtype}"
+        )
+    buf = io.BytesIO()
+    np.save(buf, frames_THWC, allow_pickle=False)
+    return buf.getvalue()
+
+
+def read_frames(fields: dict[str, bytes]) -> tuple[list[np.ndarray], float | None]:
+    """A sample's frames (each (H, W, 3) uint8) and their rate (None: unknown), from its
+    ``mp4`` (decoded with PyAV) or ``npy`` member (the rate from its ``json``)."""
+    if "mp4" in fields:
+        import av
+
+        with av.open(io.BytesIO(fields["mp4"])) as container:
+            rate = container.streams.video[0].average_rate
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        return frames, float(rate) if rate else None
+    if "npy" in fields:
+        array = np.load(io.BytesIO(fields["npy"]), allow_pickle=False)
+        if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
+            raise VideoError(
+                f"npy frames must be (T, H, W, 3) uint8, got {array.shape} {array.dtype}"
+            )
+        meta = json.loads(fields["json"]) if "json" in fields else {}
+        return list(array), float(meta["fps"]) if meta.get("fps") else None
+    raise ValueError("no video member (mp4 or npy)")
+
+
+def frame_indices(
+    available: int, source_fps: float | None, fps: float | None, frames: int,
+    rng: np.random.Generator | None,
+) -> list[int]:  # fmt: skip
+    """Which of ``available`` source frames make a clip of ``frames`` at ``fps``: the
+    frame on screen at each 1 / fps step from a start drawn by ``rng`` (the first without
+    one). ``fps`` None: consecutive source frames."""
+    if fps is not None and source_fps is None:
+        raise VideoError("clip has no frame rate to resample to data.fps from")
+    ratio = 1.0 if fps is None else source_fps / fps  # source frames per output frame
+    usable = math.floor((available - 1) / ratio + 1e-9) + 1  # output frames the clip spans
+    if usable < frames:
+        at = "" if fps is None else f" at {fps:g} fps ({available} at {source_fps:g})"
+        raise VideoError(f"clip has {usable} frames{at}, fewer than data.num_frames {frames}")
+    start = int(rng.integers(0, usable - frames + 1)) if rng is not None else 0
+    return [math.floor((start + k) * ratio + 1e-9) for k in range(frames)]
+
+
 def decode_video(
-    data: bytes, *, frames: int, width: int, height: int, rng: np.random.Generator | None
+    data: bytes | dict[str, bytes],
+    *,
+    frames: int,
+    width: int,
+    height: int,
+    rng: np.random.Generator | None,
+    fps: float | None = None,
 ) -> torch.Tensor:
-    """Encoded video -> (3, frames, height, width) in [-1, 1]: consecutive frames from a
-    start drawn by ``rng`` (the first frames without one), each resized to cover and
-    centre-cropped."""
-    import av
+    """A sample's video (mp4 bytes, or its members: see :func:`read_frames`) ->
+    (3, frames, height, width) in [-1, 1]: frames picked by :func:`frame_indices`, each
+    resized to cover and centre-cropped."""
     from PIL import Image
 
-    with av.open(io.BytesIO(data)) as container:
-        decoded = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    if len(decoded) < frames:
-        raise VideoError(f"clip has {len(decoded)} frames, fewer than data.num_frames {frames}")
-    start = int(rng.integers(0, len(decoded) - frames + 1)) if rng is not None else 0
+    decoded, source_fps = read_frames(data if isinstance(data, dict) else {"mp4": data})
     out = []
-    for array in decoded[start : start + frames]:
+    for index in frame_indices(len(decoded), source_fps, fps, frames, rng):
+        array = decoded[index]
         image = Image.fromarray(array)
         scale = max(width / image.width, height / image.height)
         size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))

@@ -15,7 +15,7 @@ from configlib import ConfigError
 from data_pipeline.build import main as build_main
 from data_pipeline.loader import DataError, WebDatasetConfig, WebDatasetSource
 from data_pipeline.shards import ShardWriter
-from data_pipeline.video import encode_mp4
+from data_pipeline.video import VideoError, encode_mp4, frame_indices, npy_frames
 from trainer.registry import load_config
 
 
@@ -103,6 +103,82 @@ def test_short_and_broken_clips_are_skipped_counted_then_bounded(tmp_path):
             src.next_batch()
     finally:
         src.close()
+
+
+def counter_clip(frames: int) -> np.ndarray:
+    """Frame i is uniformly grey level 8 i: which source frame a clip shows is readable."""
+    return np.repeat(np.arange(frames, dtype=np.uint8)[:, None, None, None] * 8, 16 * 48).reshape(
+        frames, 16, 16, 3
+    )
+
+
+def write_clips(url: Path, member: str, fps: int, frames: int = 24) -> None:
+    clip = counter_clip(frames)
+    data = encode_mp4(clip, fps) if member == "mp4" else npy_frames(clip)
+    with ShardWriter(str(url), max_samples=10**9) as writer:
+        for i in range(4):
+            meta = {"width": 16, "height": 16, "frames": frames, "fps": fps}
+            fields = {member: data, "txt": b"grey", "json": json.dumps(meta).encode()}
+            writer.write(f"c{i}", fields, meta)
+
+
+def source_frames(video_CTHW: torch.Tensor) -> list[int]:
+    """The source frame each output frame shows (grey level / 8)."""
+    levels = (video_CTHW[0].mean((1, 2)) + 1) * 127.5
+    return [round(float(v) / 8) for v in levels]
+
+
+@pytest.mark.parametrize("member", ["mp4", "npy"])
+def test_data_fps_resamples_clips_to_the_frame_on_screen(tmp_path, member):
+    # a 24 fps and a 12 fps clip read at 6 fps: every 4th and every 2nd source frame
+    for fps, stride in ((24, 4), (12, 2)):
+        url = tmp_path / f"{member}{fps}"
+        write_clips(url, member, fps)
+        src = video_source(url, micro=4, num_frames=5, fps=6.0)
+        try:
+            batch = src.next_batch()
+        finally:
+            src.close()
+        for clip in batch["x"]:
+            shown = source_frames(clip)
+            assert np.diff(shown).tolist() == [stride] * 4, (fps, shown)
+        own = video_source(url, micro=4, num_frames=5)  # fps null: consecutive frames
+        try:
+            assert np.diff(source_frames(own.next_batch()["x"][0])).tolist() == [1] * 4
+        finally:
+            own.close()
+
+
+def test_frame_indices_bound_a_clip_by_its_duration_at_the_target_rate():
+    assert frame_indices(24, 24.0, 6.0, 6, rng=None) == [0, 4, 8, 12, 16, 20]
+    assert frame_indices(9, 8.0, 16.0, 17, rng=None) == [i // 2 for i in range(17)]  # upsampled
+    with pytest.raises(
+        VideoError, match="clip has 6 frames at 6 fps .24 at 24., fewer than data.num_frames 7"
+    ):
+        frame_indices(24, 24.0, 6.0, 7, rng=None)
+    with pytest.raises(VideoError, match="no frame rate"):
+        frame_indices(24, None, 6.0, 4, rng=None)
+    starts = {frame_indices(24, 24.0, 6.0, 3, np.random.default_rng(s))[0] for s in range(40)}
+    assert starts == {0, 4, 8, 12}  # whole output steps, every start that fits
+
+
+def test_raw_npy_shards_decode_to_the_exact_frames_and_build_from_the_cli(tmp_path):
+    args = ["builtin:moving_digits", "--num", "8", "--size", "16"]
+    assert build_main([*args, "--out", str(tmp_path / "raw"), "--video-format", "npy"]) == 0
+    assert build_main([*args, "--out", str(tmp_path / "mp4")]) == 0
+    raw, coded = video_source(tmp_path / "raw", micro=8), video_source(tmp_path / "mp4", micro=8)
+    try:
+        lossless, lossy = raw.next_batch(), coded.next_batch()
+    finally:
+        raw.close()
+        coded.close()
+    values = set(np.unique((lossless["x"].numpy() + 1) * 127.5).round().astype(int).tolist())
+    assert values <= set(range(256)) and lossless["x"].shape == lossy["x"].shape
+    # the same clips (same seed): npy is exact, H.264 only close
+    assert lossless["key"] == lossy["key"]
+    assert 0 < float((lossless["x"] - lossy["x"]).abs().mean()) < 0.1
+    with pytest.raises(SystemExit):  # argparse: one line on stderr, exit 2
+        build_main([*args, "--out", str(tmp_path / "gif"), "--video-format", "gif"])
 
 
 def test_a_video_folder_builds_and_skips_undecodable_files(tmp_path):
