@@ -29,6 +29,7 @@ from torch import nn
 
 from configlib import ConfigError, option
 from models.autoencoder import Autoencoder
+from models.common import resblock as common_resblock
 from models.common.attention import attention
 from models.common.diffusers_io import listing, model_directory, read_config, read_weights
 from models.common.init import ParamInit
@@ -94,19 +95,14 @@ def _norm(groups: int, channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
-class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, plus the input (through a 1x1 conv when widths differ)."""
+class ResBlock(common_resblock.ResBlock):
+    """The shared residual block with GroupNorm and 3x3 2-D convs."""
 
     def __init__(self, cin: int, cout: int, groups: int):
-        super().__init__()
-        self.norm1, self.conv1 = _norm(groups, cin), nn.Conv2d(cin, cout, 3, padding=1)
-        self.norm2, self.conv2 = _norm(groups, cout), nn.Conv2d(cout, cout, 3, padding=1)
-        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.skip(x) + h
+        super().__init__(
+            cin, cout, norm=lambda c: _norm(groups, c),
+            conv=lambda i, o: nn.Conv2d(i, o, 3, padding=1), skip=lambda i, o: nn.Conv2d(i, o, 1),
+        )  # fmt: skip
 
 
 class SelfAttention(nn.Module):

@@ -23,6 +23,7 @@ from torch import nn
 
 from configlib import option
 from models.autoencoder import VariationalAutoencoder
+from models.common import resblock as common_resblock
 from models.common.init import ParamInit
 from models.common.parallelize import ParallelPlan, apply_parallelism
 from models.common.presets import resolve_preset
@@ -90,17 +91,14 @@ class FrameNorm(nn.GroupNorm):
         return super().forward(frames).reshape(b, t, c, h, w).transpose(1, 2)
 
 
-class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, groups: int):
-        super().__init__()
-        self.norm1, self.conv1 = FrameNorm(groups, cin, eps=1e-6), CausalConv3d(cin, cout)
-        self.norm2, self.conv2 = FrameNorm(groups, cout, eps=1e-6), CausalConv3d(cout, cout)
-        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else None
+class ResBlock(common_resblock.ResBlock):
+    """The shared residual block with per-frame GroupNorm and causal 3-D convs."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return h + (x if self.skip is None else self.skip(x))
+    def __init__(self, cin: int, cout: int, groups: int):
+        super().__init__(
+            cin, cout, norm=lambda c: FrameNorm(groups, c, eps=1e-6), conv=CausalConv3d,
+            skip=lambda i, o: nn.Conv3d(i, o, 1),
+        )  # fmt: skip
 
 
 def halve_time(x_BCTHW: torch.Tensor) -> torch.Tensor:

@@ -291,3 +291,26 @@ def test_own_init_uses_each_blocks_initialisation():
     assert each == pytest.approx(one_matrix * math.sqrt(2), rel=1e-5)
     patch = model["patch"].proj
     assert patch.weight.abs().max() <= math.sqrt(6 / (16 + 3 * 8)) and not patch.bias.any()
+
+
+@pytest.mark.parametrize("family", ["kl_vae", "video_vae"])
+def test_both_vaes_residual_block_is_the_shared_one_with_its_keys(family):
+    """The KL-VAE (2-D) and the causal video VAE (3-D) build the shared block; its keys
+    are what checkpoints and the diffusers mapping read, the skip projects only between
+    widths, and the block is the written-out norm-SiLU-conv twice plus the input."""
+    import importlib
+
+    from models.common.resblock import ResBlock
+
+    module = importlib.import_module(f"models.{family}")
+    same, wider = module.ResBlock(8, 8, 4), module.ResBlock(8, 16, 4)
+    assert isinstance(same, ResBlock) and isinstance(wider, ResBlock)
+    keys = {f"{n}.{p}" for n in ("norm1", "conv1", "norm2", "conv2") for p in ("weight", "bias")}
+    assert set(same.state_dict()) == keys
+    assert set(wider.state_dict()) == keys | {"skip.weight", "skip.bias"}
+    x = torch.randn(2, 8, *((3, 6, 6) if family == "video_vae" else (6, 6)))
+    for block in (same, wider):
+        h = block.conv1(torch.nn.functional.silu(block.norm1(x)))
+        h = block.conv2(torch.nn.functional.silu(block.norm2(h)))
+        expected = h + (x if block is same else block.skip(x))
+        torch.testing.assert_close(block(x), expected, rtol=0, atol=0)
