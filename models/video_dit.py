@@ -9,9 +9,9 @@ spacetime tokens; ``factorized`` alternates blocks that attend within each frame
 blocks that attend along time at each patch position (Latte's variant; far cheaper for
 long clips). An image is a 1-frame video (pt = 1), so the same weights train on both.
 
-Interface: ``forward(x, t, cond)`` with x (B, C, T, H, W), t (B,) in [0, 1] (0 data, 1
-noise) and cond = {"context": (B, L, context_dim), "pooled": (B, P) (optional)}; returns
-(B, C, T, H, W).
+Interface: ``forward(x, t, cond)`` with x (B, C, T, H, W) (or an image batch (B, C, H, W),
+run as 1-frame videos), t (B,) in [0, 1] (0 data, 1 noise) and cond = {"context": (B, L,
+context_dim), "pooled": (B, P) (optional)}; returns x's shape.
 
 Shapes: B batch, C channels, T frames, H x W frame, N tokens, L text tokens, D width.
 """
@@ -119,9 +119,16 @@ class VideoDiT(nn.Module):
     def forward(
         self, x_BCTHW: torch.Tensor, t_B: torch.Tensor, cond: dict[str, torch.Tensor]
     ) -> torch.Tensor:
+        if x_BCTHW.ndim == 4 and x_BCTHW.shape[1] == self.cfg.in_channels:
+            if self.patch[0] != 1:
+                raise ValueError(
+                    f"an image is a 1-frame video: it needs tubelets 1 frame long, not {self.patch}"
+                )
+            return self.forward(x_BCTHW.unsqueeze(2), t_B, cond).squeeze(2).clone()  # non-view
         if x_BCTHW.ndim != 5 or x_BCTHW.shape[1] != self.cfg.in_channels:
             raise ValueError(
-                f"expected video (B, {self.cfg.in_channels}, T, H, W), got {tuple(x_BCTHW.shape)}"
+                f"expected video (B, {self.cfg.in_channels}, T, H, W) or image "
+                f"(B, {self.cfg.in_channels}, H, W), got {tuple(x_BCTHW.shape)}"
             )
         dtype = self.patch_embed.proj.weight.dtype
         tokens, grid = self.patch_embed(x_BCTHW.to(dtype))

@@ -565,8 +565,18 @@ class Config:
         return out
 
     def _latent_video_checks(self, kind: str | None) -> list[tuple[str, str]]:
+        if kind == "images":  # 1-frame videos, in pixels or an image autoencoder's latents
+            if self.model.patch_size[0] != 1:
+                return [
+                    (
+                        "model.patch_size",
+                        f"{list(self.model.patch_size)}: images are 1-frame videos, so the "
+                        "tubelets must be 1 frame long",
+                    )
+                ]
+            return []
         if kind != "video":
-            return [("data.kind", f"{kind!r}: a video_dit trains on kind 'video'")]
+            return [("data.kind", f"{kind!r}: a video_dit trains on kind 'video' or 'images'")]
         ae = getattr(self.objective, "autoencoder", None)
         if ae is None:
             return [

@@ -43,7 +43,12 @@ def test_starts_at_zero_and_takes_clips_and_images():
     out = model(clip, torch.rand(2), text(2))
     assert out.shape == clip.shape and torch.equal(out, torch.zeros_like(clip))
     image = torch.randn(2, 3, 1, 16, 16)  # an image is a 1-frame video (temporal patch 1)
-    assert perturbed(model)(image, torch.rand(2), text(2)).shape == image.shape
+    model, t = perturbed(model), torch.rand(2)
+    assert model(image, t, text(2)).shape == image.shape
+    # an image batch (B, C, H, W) runs as those 1-frame videos, for data.kind images
+    assert torch.equal(model(image[:, :, 0], t, text(2)), model(image, t, text(2))[:, :, 0])
+    with pytest.raises(ValueError, match=r"an image is a 1-frame video: it needs tubelets 1"):
+        tiny(patch=(2, 4, 4))(image[:, :, 0], t, text(2))
 
 
 def test_factorized_attention_keeps_to_frames_and_time_lines():
@@ -87,7 +92,9 @@ def test_presets_reach_reference_scale():
     [
         (["data.num_frames=7", "model.patch_size=[2, 4, 4]"], "data.num_frames: 7 is not divisible by the temporal patch size 2"),
         (["data.resolutions=[[16, 18]]"], "data.resolutions[0]: [16, 18] is not divisible by the patch size 4x4"),
-        (["data.kind=images"], "data.kind: 'images': a video_dit trains on kind 'video'"),
+        (["data.kind=audio"], "data.kind: 'audio': a video_dit trains on kind 'video' or 'images'"),
+        (["data.kind=images", "model.patch_size=[2, 4, 4]"],
+         "model.patch_size: [2, 4, 4]: images are 1-frame videos, so the tubelets must be 1 frame long"),
         (["model.head_dim=31"], "model.head_dim: must be even for 3-D RoPE (got 31)"),
         (["parallel.context_parallel=3"], "parallel.context_parallel: 3 does not divide the model's 4 heads"),
         (["parallel.context_parallel=2", "parallel.backend=none"], "parallel.context_parallel: 2 needs parallel.backend fsdp2 (got 'none')"),
