@@ -28,7 +28,12 @@ from torch import nn
 from configlib import option
 from models.common.attention import QKVProjection
 from models.common.context_parallel import ContextParallel
-from models.common.cross_dit import CrossAttention, CrossDiTBlock
+from models.common.cross_dit import (
+    SHARED_MODULATION_HELP,
+    CrossAttention,
+    CrossDiTBlock,
+    shared_modulation,
+)
 from models.common.embeddings import TimestepMLP, rope_cos_sin_nd, sincos_1d
 from models.common.init import ParamInit
 from models.common.modulation import AdaLNModulation, layer_norm, modulate
@@ -61,6 +66,7 @@ class AudioDiTConfig:
         512.0, "Largest seconds_start / seconds_total the timing embedding resolves.", gt=0
     )
     qk_norm: bool = option(True, "Per-head RMS norm of queries and keys.")
+    shared_modulation: bool = option(False, SHARED_MODULATION_HELP)
     mlp_ratio: float = option(4.0, "MLP hidden width / model width.", gt=0)
     rope_base: float = option(10000.0, "RoPE frequency base.", gt=1)
     sample_frames: int = option(
@@ -94,9 +100,10 @@ class AudioDiT(nn.Module):
         self.context_embed = nn.Linear(cfg.context_dim, width)
         hidden = int(width * cfg.mlp_ratio)
         self.blocks = nn.ModuleList(
-            CrossDiTBlock(width, dims["num_heads"], hidden, cfg.qk_norm)
+            CrossDiTBlock(width, dims["num_heads"], hidden, cfg.qk_norm, cfg.shared_modulation)
             for _ in range(dims["depth"])
         )
+        self.block_mod = AdaLNModulation(width, 6) if cfg.shared_modulation else None
         self.final_norm = layer_norm(width)
         self.final_mod = AdaLNModulation(width, 2)  # (shift, scale)
         self.final_proj = nn.Linear(width, cfg.patch_size * cfg.in_channels)
@@ -133,8 +140,9 @@ class AudioDiT(nn.Module):
         cp = self.context_parallel
         if cp is not None:
             tokens, rope = cp.shard(tokens, rope, self.num_heads)
+        block_vec = shared_modulation(self.block_mod, vec)
         for block in self.blocks:
-            tokens = block(tokens, context_BLD, vec, rope, cp=cp)
+            tokens = block(tokens, context_BLD, block_vec, rope, cp=cp)
         shift, scale = self.final_mod(vec)
         tokens = self.final_proj(modulate(self.final_norm(tokens), shift, scale))
         if cp is not None:
@@ -148,7 +156,9 @@ class AudioDiT(nn.Module):
         outputs (every block starts as the identity), zero output head."""
         init = ParamInit(self, seed)
         init.defaults_(self)
-        init.own_init_(self, PatchEmbedND, TimestepMLP, AdaLNModulation, CrossAttention)
+        init.own_init_(
+            self, PatchEmbedND, TimestepMLP, AdaLNModulation, CrossAttention, CrossDiTBlock
+        )
         init.own_init_(self, QKVProjection)
         init.zeros_(self.final_proj.weight)
         init.zeros_(self.final_proj.bias)

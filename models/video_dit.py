@@ -28,7 +28,13 @@ from torch import nn
 from configlib import option
 from models.common.attention import QKVProjection
 from models.common.context_parallel import ContextParallel
-from models.common.cross_dit import AttentionGroups, CrossAttention, CrossDiTBlock
+from models.common.cross_dit import (
+    SHARED_MODULATION_HELP,
+    AttentionGroups,
+    CrossAttention,
+    CrossDiTBlock,
+    shared_modulation,
+)
 from models.common.embeddings import TimestepMLP, grid_positions, rope_cos_sin_nd
 from models.common.init import ParamInit
 from models.common.modulation import AdaLNModulation, layer_norm, modulate
@@ -62,6 +68,7 @@ class VideoDiTConfig:
         "full", "Self-attention over all spacetime tokens, or alternating spatial / temporal."
     )
     qk_norm: bool = option(True, "Per-head RMS norm of queries and keys.")
+    shared_modulation: bool = option(False, SHARED_MODULATION_HELP)
     mlp_ratio: float = option(4.0, "MLP hidden width / model width.", gt=0)
     rope_base: float = option(10000.0, "RoPE frequency base.", gt=1)
     sample_shape: tuple[int, int, int] = option(
@@ -100,9 +107,10 @@ class VideoDiT(nn.Module):
         self.context_embed = nn.Linear(cfg.context_dim, width)
         hidden = int(width * cfg.mlp_ratio)
         self.blocks = nn.ModuleList(
-            CrossDiTBlock(width, dims["num_heads"], hidden, cfg.qk_norm)
+            CrossDiTBlock(width, dims["num_heads"], hidden, cfg.qk_norm, cfg.shared_modulation)
             for _ in range(dims["depth"])
         )
+        self.block_mod = AdaLNModulation(width, 6) if cfg.shared_modulation else None
         self.final_norm = layer_norm(width)
         self.final_mod = AdaLNModulation(width, 2)  # (shift, scale)
         self.final_proj = nn.Linear(width, math.prod(self.patch) * cfg.in_channels)
@@ -143,8 +151,9 @@ class VideoDiT(nn.Module):
         cp = self.context_parallel
         if cp is not None:
             tokens, rope = cp.shard(tokens, rope, self.num_heads)
+        block_vec = shared_modulation(self.block_mod, vec)
         for i, block in enumerate(self.blocks):
-            tokens = block(tokens, context, vec, rope, self.groups(i, grid), cp)
+            tokens = block(tokens, context, block_vec, rope, self.groups(i, grid), cp)
         shift, scale = self.final_mod(vec)
         tokens = self.final_proj(modulate(self.final_norm(tokens), shift, scale))
         if cp is not None:
@@ -159,7 +168,13 @@ class VideoDiT(nn.Module):
         init = ParamInit(self, seed)
         init.defaults_(self)
         init.own_init_(
-            self, PatchEmbedND, TimestepMLP, AdaLNModulation, CrossAttention, QKVProjection
+            self,
+            PatchEmbedND,
+            TimestepMLP,
+            AdaLNModulation,
+            CrossAttention,
+            QKVProjection,
+            CrossDiTBlock,
         )
         init.zeros_(self.final_proj.weight)
         init.zeros_(self.final_proj.bias)

@@ -5,7 +5,10 @@ a context sequence (text tokens and any extra condition tokens), then the MLP.
 Self-attention and MLP are adaLN-zero branches modulated by the conditioning vector
 (timestep embedding plus global conditions); cross-attention reads an affine LayerNorm
 and its output projection starts at zero (the PixArt / Wan layout), so a freshly
-initialised block is the identity.
+initialised block is the identity. The six modulation vectors come from the block's own
+projection of the conditioning vector (adaLN-zero per block, DiT), or, with
+``shared_modulation``, from one projection the model computes for all blocks plus a
+learnt (6, D) table per block (adaLN-single: PixArt-alpha, Wan), far fewer parameters.
 
 Shapes: B batch, N signal tokens, L context tokens, H heads, K head dim, D = H * K.
 """
@@ -21,6 +24,17 @@ from models.common.embeddings import apply_rope
 from models.common.init import ParamInit
 from models.common.mlp import FeedForward
 from models.common.modulation import AdaLNModulation, gated_residual, layer_norm, modulate
+
+SHARED_MODULATION_HELP = (
+    "adaLN-single (PixArt-alpha, Wan): one projection of t for all blocks plus a learnt "
+    "table per block, instead of adaLN-zero's projection per block."
+)
+
+
+def shared_modulation(mod: AdaLNModulation | None, vec_BD: torch.Tensor) -> torch.Tensor:
+    """What the blocks read: ``vec`` itself (per-block adaLN), or the model's one
+    projection of it as (B, 6, D) (``mod``, shared modulation)."""
+    return vec_BD if mod is None else torch.stack(mod(vec_BD), 1)
 
 
 class AttentionGroups:
@@ -86,10 +100,22 @@ class CrossAttention(nn.Module):
 class CrossDiTBlock(nn.Module):
     """adaLN-zero self-attention (RoPE) -> cross-attention -> adaLN-zero MLP."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, qk_norm: bool):
+    def init_(self, init: ParamInit) -> None:
+        """A shared-modulation block's table starts at zero (the model's shared
+        projection does too: adaLN-zero)."""
+        if self.mod_table is not None:
+            init.zeros_(self.mod_table)
+
+    def __init__(
+        self, dim: int, num_heads: int, mlp_hidden: int, qk_norm: bool,
+        shared_modulation: bool = False,
+    ):  # fmt: skip
         super().__init__()
         self.norm = layer_norm(dim)
-        self.mod = AdaLNModulation(dim, 6)
+        if shared_modulation:  # added to the model's shared projection (B, 6, D)
+            self.mod, self.mod_table = None, nn.Parameter(torch.zeros(6, dim))
+        else:
+            self.mod, self.mod_table = AdaLNModulation(dim, 6), None
         self.qkv = QKVProjection(dim, num_heads, qk_norm)
         self.attn_out = nn.Linear(dim, dim)
         self.cross_norm = nn.LayerNorm(dim, eps=1e-6)
@@ -105,11 +131,17 @@ class CrossDiTBlock(nn.Module):
         groups: AttentionGroups | None = None,
         cp: ContextParallel | None = None,
     ) -> torch.Tensor:
-        """``rope``: (cos, sin) tables of the N tokens' positions (rope_cos_sin_nd);
+        """``vec_BD``: the conditioning vector, or with shared modulation the model's
+        shared projection of it (B, 6, D);
+        ``rope``: (cos, sin) tables of the N tokens' positions (rope_cos_sin_nd);
         ``groups``: self-attention within groups of tokens only (None: all N together);
         ``cp``: x holds this rank's share of the tokens (and rope their positions), and
         self-attention swaps to all tokens of a share of the heads (Ulysses)."""
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.mod(vec_BD)
+        if self.mod is None:
+            mods = (vec_BD + self.mod_table.to(vec_BD.dtype)).unbind(1)
+        else:
+            mods = self.mod(vec_BD)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
         q, k, v = self.qkv(modulate(self.norm(x_BND), shift_a, scale_a))
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)

@@ -127,3 +127,21 @@ def test_other_models_cannot_take_audio_data():
     with pytest.raises(ConfigError) as info:
         load_config("recipes/tiny/sd3_like.yaml", ["data.kind=audio"])
     assert "model.name: 'mmdit' cannot model 'audio' data: use audio_dit" in str(info.value)
+
+
+def test_shared_modulation_starts_at_zero_and_counts_its_flops():
+    """adaLN-single in the audio DiT too: the identity at init, trainable per-block
+    tables, and FLOPs per sample that still equal PyTorch's counter."""
+    model, per_block = tiny(shared_modulation=True), tiny()
+    x = torch.randn(2, 2, 32)
+    assert torch.equal(model(x, torch.rand(2), cond(2)), torch.zeros_like(x))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(model) < count(per_block)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    model(x, torch.rand(2), cond(2)).square().mean().backward()
+    assert all(b.mod_table.grad.abs().sum() > 0 for b in model.blocks)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 2, 32), torch.rand(1), cond(1, 5))
+    assert model.flops_per_sample(32, 5) == 3 * counter.get_total_flops()

@@ -18,8 +18,11 @@ from trainer.registry import load_config
 TINY = "recipes/tiny/video_dit.yaml"
 
 
-def tiny(attention: str = "full", patch=(1, 4, 4)) -> VideoDiT:
-    cfg = VideoDiTConfig(in_channels=3, patch_size=patch, context_dim=12, attention=attention)
+def tiny(attention: str = "full", patch=(1, 4, 4), shared: bool = False) -> VideoDiT:
+    cfg = VideoDiTConfig(
+        in_channels=3, patch_size=patch, context_dim=12, attention=attention,
+        shared_modulation=shared,
+    )  # fmt: skip
     model = VideoDiT(cfg)
     model.init_weights(0)
     return model
@@ -75,8 +78,9 @@ def test_factorized_attention_keeps_to_frames_and_time_lines():
 
 
 @pytest.mark.parametrize("attention", ["full", "factorized"])
-def test_flops_per_sample_equal_the_flop_counter(attention):
-    model = tiny(attention, patch=(2, 4, 4))
+@pytest.mark.parametrize("shared", [False, True], ids=["per-block-adaln", "shared-modulation"])
+def test_flops_per_sample_equal_the_flop_counter(attention, shared):
+    model = tiny(attention, patch=(2, 4, 4), shared=shared)
     shape, tokens = (4, 16, 16), 5
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, *shape), torch.rand(1), text(1, tokens))
@@ -119,7 +123,35 @@ def test_context_parallel_needs_a_family_that_splits_and_a_dividing_world():
 
 def test_bad_clip_shapes_are_one_clear_error():
     model = tiny()
-    with pytest.raises(ValueError, match=r"expected video \(B, 3, T, H, W\), got \(1, 3, 16, 16\)"):
-        model(torch.randn(1, 3, 16, 16), torch.rand(1), text(1))
+    expected = r"expected video \(B, 3, T, H, W\) or image \(B, 3, H, W\), got \(1, 4, 16, 16\)"
+    with pytest.raises(ValueError, match=expected):
+        model(torch.randn(1, 4, 16, 16), torch.rand(1), text(1))
     with pytest.raises(ValueError, match=r"input size \(2, 16, 18\) is not divisible by the patch"):
         model(torch.randn(1, 3, 2, 16, 18), torch.rand(1), text(1))
+
+
+def test_shared_modulation_starts_at_zero_and_each_block_keeps_its_own_table():
+    """adaLN-single: one t projection for all blocks plus a learnt (6, D) table per block.
+    It starts as the identity like adaLN-zero, has fewer parameters, and a block's table
+    changes only that block's modulation."""
+    shared, per_block = tiny(shared=True), tiny()
+    clip, t = torch.randn(2, 3, 4, 16, 16), torch.rand(2)
+    assert torch.equal(shared(clip, t, text(2)), torch.zeros_like(clip))
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    width, depth = shared.width, len(shared.blocks)
+    assert (
+        count(per_block) - count(shared)
+        == (depth - 1) * 6 * width * (width + 1) - depth * 6 * width
+    )
+    assert all(b.mod is None and b.mod_table.shape == (6, width) for b in shared.blocks)
+    model = perturbed(shared)
+    before = model(clip, t, text(2))
+    with torch.no_grad():
+        model.blocks[-1].mod_table[2].add_(1.0)  # the last block's attention gate
+    after = model(clip, t, text(2))
+    assert not torch.allclose(before, after)
+    model.blocks[-1].mod_table.grad = None
+    model(clip, t, text(2)).square().mean().backward()
+    assert all(
+        b.mod_table.grad is not None and b.mod_table.grad.abs().sum() > 0 for b in model.blocks
+    )
