@@ -30,7 +30,7 @@ from torch import nn
 from configlib import ConfigError, option
 from models.autoencoder import Autoencoder
 from models.common import resblock as common_resblock
-from models.common.attention import attention
+from models.common.attention import QKVProjection, attention
 from models.common.diffusers_io import listing, model_directory, read_config, read_weights
 from models.common.init import ParamInit
 from models.common.parallelize import ParallelPlan, apply_parallelism
@@ -105,19 +105,19 @@ class ResBlock(common_resblock.ResBlock):
         )  # fmt: skip
 
 
-class SelfAttention(nn.Module):
-    """Single-head self-attention over all positions, residual."""
+class SelfAttention(QKVProjection):
+    """Single-head self-attention over all positions, residual: the shared fused q/k/v
+    projection (key ``qkv``, as the diffusers mapping expects) on the GroupNormed pixels."""
 
     def __init__(self, channels: int, groups: int):
-        super().__init__()
+        super().__init__(channels, num_heads=1, qk_norm=False)
         self.norm = _norm(groups, channels)
-        self.qkv = nn.Linear(channels, 3 * channels)
         self.proj = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         tokens = self.norm(x).flatten(2).transpose(1, 2)  # B, HW, C
-        q, k, v = self.qkv(tokens).unsqueeze(1).chunk(3, dim=-1)  # B, 1, HW, C each
+        q, k, v = (m.transpose(1, 2) for m in super().forward(tokens))  # B, 1, HW, C each
         return x + self.proj(attention(q, k, v)).transpose(1, 2).reshape(b, c, h, w)
 
 
